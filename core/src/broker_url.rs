@@ -1,0 +1,206 @@
+//! `outbox.amqp_url`: parsing, and the rules that keep its password out of every message.
+//!
+//! Format (the AMQP URI spec, as RabbitMQ documents it):
+//! `amqp://user:password@host:port/vhost?heartbeat=30&connection_timeout=10000`.
+//! User, password and vhost are percent-decoded, so the vhost `/` is written `%2F`
+//! (`amqp://host/%2F`); a URL without a path, or with a bare `/`, also means the vhost `/`.
+
+use std::fmt;
+use std::time::Duration;
+use url::Url;
+
+pub const DEFAULT_PORT: u16 = 5672;
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 30;
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A parsed broker address. `Debug` and `Display` never show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    password: String,
+    pub vhost: String,
+    /// Heartbeat interval the client proposes; 0 disables heartbeats.
+    pub heartbeat_secs: u16,
+    /// Upper bound for TCP connect plus the AMQP handshake.
+    pub connection_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("not a valid URL ({0})")]
+    Syntax(String),
+    #[error("scheme must be amqp, not {0:?} (amqps is not supported by this build)")]
+    Scheme(String),
+    #[error("the URL has no host")]
+    NoHost,
+    #[error("{0} is not valid UTF-8 after percent-decoding")]
+    Encoding(&'static str),
+    #[error("query parameter {name:?} has an invalid value {value:?}")]
+    QueryValue { name: String, value: String },
+    #[error("unknown query parameter {0:?} (known: heartbeat, connection_timeout)")]
+    QueryName(String),
+}
+
+impl BrokerUrl {
+    pub fn parse(text: &str) -> Result<Self, UrlError> {
+        // The url crate's error text never echoes the input, so it cannot leak a password.
+        let url = Url::parse(text.trim()).map_err(|e| UrlError::Syntax(e.to_string()))?;
+        if url.scheme() != "amqp" {
+            return Err(UrlError::Scheme(url.scheme().to_string()));
+        }
+        let host = match url.host_str() {
+            Some(h) if !h.is_empty() => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            _ => return Err(UrlError::NoHost),
+        };
+        let decode = |s: &str, what: &'static str| percent_decode(s).ok_or(UrlError::Encoding(what));
+        let username = if url.username().is_empty() {
+            "guest".to_string()
+        } else {
+            decode(url.username(), "user name")?
+        };
+        let password = match url.password() {
+            Some(p) => decode(p, "password")?,
+            None if url.username().is_empty() => "guest".to_string(),
+            None => String::new(),
+        };
+        let path = url.path();
+        let vhost = match path {
+            "" | "/" => "/".to_string(),
+            p => decode(&p[1..], "vhost")?,
+        };
+        let mut parsed = BrokerUrl {
+            host,
+            port: url.port().unwrap_or(DEFAULT_PORT),
+            username,
+            password,
+            vhost,
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+        };
+        for (name, value) in url.query_pairs() {
+            let bad = || UrlError::QueryValue { name: name.to_string(), value: value.to_string() };
+            match name.as_ref() {
+                "heartbeat" => parsed.heartbeat_secs = value.parse().map_err(|_| bad())?,
+                "connection_timeout" => {
+                    let ms: u64 = value.parse().map_err(|_| bad())?;
+                    if ms == 0 {
+                        return Err(bad());
+                    }
+                    parsed.connection_timeout = Duration::from_millis(ms);
+                }
+                other => return Err(UrlError::QueryName(other.to_string())),
+            }
+        }
+        Ok(parsed)
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// Removes the password from a text that may have picked it up (an error from a library,
+    /// a message from the broker). Defensive: nothing we build ever contains it.
+    pub fn scrub(&self, text: &str) -> String {
+        scrub_secret(text, &self.password)
+    }
+}
+
+/// Replaces every occurrence of `secret` in `text` by `***`.
+pub fn scrub_secret(text: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(secret, "***")
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|v| v.into_owned())
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        write!(f, "amqp://{}@{}:{}/", self.username, host, self.port)?;
+        if self.vhost == "/" {
+            f.write_str("%2F")
+        } else {
+            f.write_str(&self.vhost)
+        }
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrl({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_url() {
+        let u = BrokerUrl::parse(
+            "amqp://app:s%40cret@mq.example:5673/orders?heartbeat=10&connection_timeout=2500",
+        )
+        .unwrap();
+        assert_eq!(u.host, "mq.example");
+        assert_eq!(u.port, 5673);
+        assert_eq!(u.username, "app");
+        assert_eq!(u.password(), "s@cret");
+        assert_eq!(u.vhost, "orders");
+        assert_eq!(u.heartbeat_secs, 10);
+        assert_eq!(u.connection_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn defaults_and_vhost_rules() {
+        let u = BrokerUrl::parse("amqp://localhost").unwrap();
+        assert_eq!(
+            (u.port, u.username.as_str(), u.password(), u.vhost.as_str()),
+            (5672, "guest", "guest", "/")
+        );
+        assert_eq!(BrokerUrl::parse("amqp://h/").unwrap().vhost, "/");
+        assert_eq!(BrokerUrl::parse("amqp://h/%2F").unwrap().vhost, "/");
+        assert_eq!(BrokerUrl::parse("amqp://h/%2fprod").unwrap().vhost, "/prod");
+        assert_eq!(BrokerUrl::parse("amqp://h/a+b").unwrap().vhost, "a+b");
+        assert_eq!(BrokerUrl::parse("amqp://u@h").unwrap().password(), "");
+        assert_eq!(BrokerUrl::parse("amqp://[::1]:5000").unwrap().host, "::1");
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_use() {
+        assert!(matches!(BrokerUrl::parse("http://h"), Err(UrlError::Scheme(_))));
+        assert!(matches!(BrokerUrl::parse("amqps://h"), Err(UrlError::Scheme(_))));
+        assert!(matches!(BrokerUrl::parse("not a url"), Err(UrlError::Syntax(_))));
+        assert!(matches!(BrokerUrl::parse("amqp://h?heartbeat=x"), Err(UrlError::QueryValue { .. })));
+        assert!(matches!(
+            BrokerUrl::parse("amqp://h?connection_timeout=0"),
+            Err(UrlError::QueryValue { .. })
+        ));
+        assert!(matches!(BrokerUrl::parse("amqp://h?frame_max=1"), Err(UrlError::QueryName(_))));
+    }
+
+    #[test]
+    fn password_never_displayed() {
+        let text = "amqp://app:hunter2secret@h:5672/v";
+        let u = BrokerUrl::parse(text).unwrap();
+        for shown in [format!("{u}"), format!("{u:?}")] {
+            assert!(!shown.contains("hunter2secret"), "{shown}");
+        }
+        assert_eq!(u.to_string(), "amqp://app@h:5672/v");
+        assert_eq!(u.scrub("auth failed for hunter2secret"), "auth failed for ***");
+        for bad in [
+            "amqps://app:hunter2secret@h",
+            "amqp://app:hunter2secret@h?x=1",
+            "amqp://app:hunter2secret@h?heartbeat=z",
+        ] {
+            let err = BrokerUrl::parse(bad).unwrap_err().to_string();
+            assert!(!err.contains("hunter2secret"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! JSON header objects as AMQP field tables.
+//!
+//! Mapping: string → long string, `true`/`false` → boolean, integer within i64 → signed 64-bit,
+//! other numbers → double, `null` → void, array → field array, object → nested field table.
+//! A field name is an AMQP short string, so it may be at most 255 bytes long.
+
+use amqprs::{FieldName, FieldTable, FieldValue};
+use serde_json::{Map, Value};
+
+pub const AGGREGATE_TYPE_HEADER: &str = "aggregate_type";
+pub const AGGREGATE_ID_HEADER: &str = "aggregate_id";
+pub const MAX_NAME_BYTES: usize = 255;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("headers must be a JSON object, not {0}")]
+    NotAnObject(&'static str),
+    #[error("header name {name:?} is {len} bytes long; AMQP allows at most 255")]
+    NameTooLong { name: String, len: usize },
+    #[error(
+        "header {name:?} holds the number {value}, which AMQP cannot carry (integers must fit in 64 bits)"
+    )]
+    NumberOutOfRange { name: String, value: String },
+    #[error("header {0:?} is also given as an argument; pass it in one place only")]
+    ConflictsWithArgument(&'static str),
+    #[error("headers are not valid JSON: {0}")]
+    Json(String),
+}
+
+pub fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Builds the headers of a message: the members of `headers` (a JSON object's text) plus
+/// `aggregate_type` and `aggregate_id` when given.
+pub fn build(
+    headers: Option<&str>,
+    aggregate_type: Option<&str>,
+    aggregate_id: Option<&str>,
+) -> Result<FieldTable, HeaderError> {
+    let mut table = match headers {
+        None => FieldTable::new(),
+        Some(text) => {
+            let value: Value = serde_json::from_str(text).map_err(|e| HeaderError::Json(e.to_string()))?;
+            match value {
+                Value::Object(map) => object_to_table(&map)?,
+                other => return Err(HeaderError::NotAnObject(json_kind(&other))),
+            }
+        }
+    };
+    for (name, value) in [(AGGREGATE_TYPE_HEADER, aggregate_type), (AGGREGATE_ID_HEADER, aggregate_id)] {
+        if let Some(value) = value {
+            let key = field_name(name)?;
+            if table.get(&key).is_some() {
+                return Err(HeaderError::ConflictsWithArgument(name));
+            }
+            table.insert(key, FieldValue::from(value));
+        }
+    }
+    Ok(table)
+}
+
+fn object_to_table(map: &Map<String, Value>) -> Result<FieldTable, HeaderError> {
+    let mut table = FieldTable::new();
+    for (name, value) in map {
+        table.insert(field_name(name)?, to_field_value(name, value)?);
+    }
+    Ok(table)
+}
+
+fn field_name(name: &str) -> Result<FieldName, HeaderError> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(HeaderError::NameTooLong { name: truncate(name, 40), len: name.len() });
+    }
+    Ok(name.try_into().expect("length checked above"))
+}
+
+fn to_field_value(name: &str, value: &Value) -> Result<FieldValue, HeaderError> {
+    Ok(match value {
+        Value::Null => FieldValue::V,
+        Value::Bool(b) => FieldValue::t(*b),
+        Value::String(s) => FieldValue::from(s.as_str()),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                FieldValue::l(i)
+            } else if n.is_u64() {
+                return Err(HeaderError::NumberOutOfRange { name: truncate(name, 40), value: n.to_string() });
+            } else {
+                FieldValue::d(n.as_f64().expect("a JSON number that is not an integer is a float"))
+            }
+        }
+        Value::Array(items) => {
+            let values = items.iter().map(|v| to_field_value(name, v)).collect::<Result<Vec<_>, _>>()?;
+            FieldValue::A(values.try_into().map_err(|_| HeaderError::Json("array too long".into()))?)
+        }
+        Value::Object(map) => FieldValue::F(object_to_table(map)?),
+    })
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    if s.chars().count() <= max_chars {
+        s.to_string()
+    } else {
+        s.chars().take(max_chars).chain("…".chars()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get<'a>(t: &'a FieldTable, k: &str) -> Option<&'a FieldValue> {
+        t.get(&k.try_into().unwrap())
+    }
+
+    #[test]
+    fn maps_every_json_kind() {
+        let t =
+            build(Some(r#"{"s":"x","i":-5,"f":1.5,"b":true,"n":null,"a":[1,"y"],"o":{"k":2}}"#), None, None)
+                .unwrap();
+        assert!(matches!(get(&t, "s"), Some(FieldValue::S(_))));
+        assert!(matches!(get(&t, "i"), Some(FieldValue::l(-5))));
+        assert!(matches!(get(&t, "f"), Some(FieldValue::d(f)) if *f == 1.5));
+        assert!(matches!(get(&t, "b"), Some(FieldValue::t(true))));
+        assert!(matches!(get(&t, "n"), Some(FieldValue::V)));
+        assert!(matches!(get(&t, "a"), Some(FieldValue::A(_))));
+        assert!(matches!(get(&t, "o"), Some(FieldValue::F(_))));
+    }
+
+    #[test]
+    fn adds_aggregate_headers() {
+        let t = build(Some(r#"{"tenant":"t1"}"#), Some("account"), Some("123")).unwrap();
+        assert_eq!(String::try_from(get(&t, "aggregate_type").unwrap().clone()).unwrap(), "account");
+        assert_eq!(String::try_from(get(&t, "aggregate_id").unwrap().clone()).unwrap(), "123");
+        assert!(get(&t, "tenant").is_some());
+        let none = build(None, None, None).unwrap();
+        assert!(get(&none, "aggregate_id").is_none());
+    }
+
+    #[test]
+    fn rejects_what_amqp_cannot_carry() {
+        assert_eq!(build(Some("[1]"), None, None).unwrap_err(), HeaderError::NotAnObject("an array"));
+        assert_eq!(build(Some("null"), None, None).unwrap_err(), HeaderError::NotAnObject("null"));
+        let long = format!(r#"{{"{}":1}}"#, "k".repeat(256));
+        assert!(matches!(build(Some(&long), None, None), Err(HeaderError::NameTooLong { len: 256, .. })));
+        let nested_long = format!(r#"{{"o":{{"{}":1}}}}"#, "k".repeat(300));
+        assert!(matches!(build(Some(&nested_long), None, None), Err(HeaderError::NameTooLong { .. })));
+        assert!(matches!(
+            build(Some(r#"{"big":18446744073709551615}"#), None, None),
+            Err(HeaderError::NumberOutOfRange { .. })
+        ));
+        assert_eq!(
+            build(Some(r#"{"aggregate_id":"9"}"#), None, Some("1")).unwrap_err(),
+            HeaderError::ConflictsWithArgument("aggregate_id")
+        );
+        // Without the argument, a header of that name is the caller's own business.
+        assert!(build(Some(r#"{"aggregate_id":"9"}"#), None, None).is_ok());
+    }
+}

@@ -1,0 +1,19 @@
+//! The parts of pg_outbox that need no Postgres: what an event may contain, how it becomes an
+//! AMQP message, how a batch is published with publisher confirms while keeping per-aggregate
+//! order, how failures are retried, and how the broker address is parsed and kept secret.
+//!
+//! The extension crate calls into this crate from its background worker and its SQL functions;
+//! everything here is tested with plain `cargo test` (the publisher against a real RabbitMQ).
+
+pub mod broker_url;
+pub mod headers;
+pub mod message;
+pub mod ordering;
+pub mod publisher;
+pub mod retry;
+pub mod validate;
+
+pub use broker_url::BrokerUrl;
+pub use message::OutboxMessage;
+pub use publisher::{BatchReport, FailureKind, Outcome, Publisher, PublisherConfig};
+pub use retry::{Backoff, RetryPolicy};

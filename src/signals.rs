@@ -1,0 +1,92 @@
+//! Signals, latch waits and the I/O threads of the background processes.
+//!
+//! SIGTERM uses Postgres' own `die` handler: a worker stuck in a query is interrupted there,
+//! and between queries the loop sees `ProcDiePending` and leaves cleanly. SIGHUP only marks a
+//! reload as pending; the loop applies it between batches.
+//!
+//! Postgres code must only ever run on the process' main thread. The tokio runtime's threads
+//! are therefore created with every signal blocked, so no Postgres signal handler can run on
+//! them.
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::pg_sys;
+use std::time::Duration;
+use tokio::runtime::{Builder, Runtime};
+
+unsafe extern "C-unwind" {
+    /// Postgres' SIGTERM handler for backends (pgrx only exposes a wrapper, not the symbol).
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
+}
+
+pub fn install() {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
+    }
+}
+
+/// Whether SIGTERM (shutdown, `pg_terminate_backend`) has arrived.
+pub fn stop_requested() -> bool {
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0 }
+}
+
+/// Whether a reload is pending; clears the flag.
+pub fn take_reload() -> bool {
+    unsafe {
+        let pending = std::ptr::read_volatile(&raw const pg_sys::ConfigReloadPending) != 0;
+        if pending {
+            std::ptr::write_volatile(&raw mut pg_sys::ConfigReloadPending, 0);
+        }
+        pending
+    }
+}
+
+/// Sleeps on the latch for at most `timeout`. Returns false when the process must stop. The
+/// process exits by itself if the postmaster dies.
+pub fn wait(timeout: Duration) -> bool {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    if stop_requested() {
+        return false;
+    }
+    // Serves other interrupts (e.g. ProcSignal barriers); never raises here as no die is pending.
+    pg_sys::check_for_interrupts!();
+    true
+}
+
+fn block_all_signals() {
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+}
+
+/// A runtime for broker I/O: one worker thread, so the connection (heartbeats, confirms) keeps
+/// running while the main thread sleeps or works in the database.
+pub fn io_runtime() -> std::io::Result<Runtime> {
+    unsafe {
+        // Threads inherit the creating thread's mask: block all signals while they are made.
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let runtime = Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .thread_name("pg_outbox-io")
+            .on_thread_start(block_all_signals)
+            .enable_all()
+            .build();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        runtime
+    }
+}

@@ -1,0 +1,266 @@
+//! The real RabbitMQ, seen from tests: a consumer that records every delivery with its
+//! properties, names unique to each test, and stopping/starting the broker (restarted on drop,
+//! whatever happens).
+
+use amqprs::channel::{
+    BasicConsumeArguments, Channel, ExchangeDeclareArguments, ExchangeDeleteArguments, ExchangeType,
+    QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::{FieldTable, FieldValue};
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::runtime::Runtime;
+
+pub const AMQP_PORT: u16 = 5672;
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
+    format!("{prefix}.{}.{t}.{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A message as a consumer received it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub exchange: String,
+    pub routing_key: String,
+    pub redelivered: bool,
+    pub message_id: Option<String>,
+    pub message_type: Option<String>,
+    pub content_type: Option<String>,
+    pub delivery_mode: Option<u8>,
+    pub timestamp: Option<u64>,
+    pub app_id: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    pub received_at: Instant,
+}
+
+impl Delivery {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("body is JSON")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// A field value rendered for comparison in tests: strings bare, the rest in Debug form.
+fn render(v: &FieldValue) -> String {
+    match v {
+        FieldValue::S(s) => String::from(s.clone()),
+        FieldValue::t(b) => b.to_string(),
+        FieldValue::l(i) => i.to_string(),
+        FieldValue::d(f) => f.to_string(),
+        FieldValue::V => "null".into(),
+        FieldValue::F(t) => format!("{}", t),
+        other => format!("{other:?}"),
+    }
+}
+
+fn headers(t: Option<&FieldTable>) -> BTreeMap<String, String> {
+    t.map(|t| t.as_ref().iter().map(|(k, v)| (String::from(k.clone()), render(v))).collect())
+        .unwrap_or_default()
+}
+
+/// A queue bound to an exchange, consumed into memory from the moment it is created.
+pub struct Consumer {
+    pub queue: String,
+    pub exchange: String,
+    received: Arc<Mutex<Vec<Delivery>>>,
+    _channel: Channel,
+}
+
+impl Consumer {
+    pub fn received(&self) -> Vec<Delivery> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` messages arrived; returns them all.
+    pub fn wait_for(&self, n: usize, within: Duration) -> Vec<Delivery> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.count();
+            if got >= n {
+                return self.received();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue {}: {got} of {n} messages after {within:?}",
+                self.queue
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits `quiet` and checks nothing (more) arrived beyond `expected`.
+    pub fn expect_no_more(&self, expected: usize, quiet: Duration) {
+        std::thread::sleep(quiet);
+        let got = self.received();
+        assert_eq!(got.len(), expected, "unexpected deliveries: {:?}", &got[expected.min(got.len())..]);
+    }
+}
+
+/// Counts for a set of deliveries: unique message ids and duplicates.
+pub fn dedup(deliveries: &[Delivery]) -> (HashMap<String, usize>, usize) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for d in deliveries {
+        *seen.entry(d.message_id.clone().expect("every message has an id")).or_default() += 1;
+    }
+    let duplicates = deliveries.len() - seen.len();
+    (seen, duplicates)
+}
+
+pub struct Broker {
+    pub rt: Runtime,
+    connection: Connection,
+}
+
+impl Broker {
+    pub fn connect() -> Broker {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let connection = rt.block_on(async {
+            let args = OpenConnectionArguments::new("127.0.0.1", AMQP_PORT, "guest", "guest");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match Connection::open(&args).await {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => panic!("RabbitMQ is not reachable on 127.0.0.1:{AMQP_PORT}: {e}"),
+                }
+            }
+        });
+        Broker { rt, connection }
+    }
+
+    /// Declares a topic exchange (not durable, auto-deleted with its last queue).
+    pub fn exchange(&self, name: &str) {
+        self.rt.block_on(async {
+            let ch = self.connection.open_channel(None).await.unwrap();
+            ch.exchange_declare(
+                ExchangeDeclareArguments::of_type(name, ExchangeType::Topic).auto_delete(true).finish(),
+            )
+            .await
+            .unwrap();
+            let _ = ch.close().await;
+        });
+    }
+
+    pub fn delete_exchange(&self, name: &str) {
+        self.rt.block_on(async {
+            let ch = self.connection.open_channel(None).await.unwrap();
+            let _ = ch.exchange_delete(ExchangeDeleteArguments::new(name)).await;
+            let _ = ch.close().await;
+        });
+    }
+
+    /// A queue bound to `exchange` with `binding` (topic pattern), consumed from now on.
+    /// The queue is durable, so it keeps messages across a broker restart.
+    pub fn consume(&self, exchange: &str, binding: &str) -> Consumer {
+        self.consume_with(exchange, binding, FieldTable::new())
+    }
+
+    pub fn consume_with(&self, exchange: &str, binding: &str, arguments: FieldTable) -> Consumer {
+        let queue = unique("q");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        let channel = self.rt.block_on(async {
+            let ch = self.connection.open_channel(None).await.unwrap();
+            ch.queue_declare(QueueDeclareArguments::new(&queue).durable(true).arguments(arguments).finish())
+                .await
+                .unwrap();
+            ch.queue_bind(QueueBindArguments::new(&queue, exchange, binding)).await.unwrap();
+            let (_tag, mut rx) = ch
+                .basic_consume_rx(BasicConsumeArguments::new(&queue, "").auto_ack(true).finish())
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    let received_at = Instant::now();
+                    let deliver = msg.deliver.unwrap();
+                    let props = msg.basic_properties.unwrap();
+                    sink.lock().unwrap().push(Delivery {
+                        exchange: deliver.exchange().clone(),
+                        routing_key: deliver.routing_key().clone(),
+                        redelivered: deliver.redelivered(),
+                        message_id: props.message_id().cloned(),
+                        message_type: props.message_type().cloned(),
+                        content_type: props.content_type().cloned(),
+                        delivery_mode: props.delivery_mode(),
+                        timestamp: props.timestamp(),
+                        app_id: props.app_id().cloned(),
+                        headers: headers(props.headers()),
+                        body: msg.content.unwrap_or_default(),
+                        received_at,
+                    });
+                }
+            });
+            ch
+        });
+        Consumer { queue, exchange: exchange.to_string(), received, _channel: channel }
+    }
+
+    pub fn delete_queue(&self, queue: &str) {
+        self.rt.block_on(async {
+            let ch = self.connection.open_channel(None).await.unwrap();
+            let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
+            let _ = ch.close().await;
+        });
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) -> bool {
+    Command::new("rabbitmqctl").args(args).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Stops the RabbitMQ application (the node stays up, the AMQP port closes) until dropped.
+pub struct BrokerOutage {
+    restarted: bool,
+}
+
+impl BrokerOutage {
+    pub fn begin() -> BrokerOutage {
+        assert!(rabbitmqctl(&["stop_app"]), "rabbitmqctl stop_app failed");
+        BrokerOutage { restarted: false }
+    }
+
+    /// Starts the broker again and waits until it accepts connections.
+    pub fn end(mut self) {
+        self.restart();
+    }
+
+    fn restart(&mut self) {
+        if self.restarted {
+            return;
+        }
+        self.restarted = true;
+        if !rabbitmqctl(&["start_app"]) {
+            // The node itself may have gone: start it again.
+            let _ = Command::new("rabbitmq-server").arg("-detached").status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::net::TcpStream::connect(("127.0.0.1", AMQP_PORT)).is_err() {
+            assert!(Instant::now() < deadline, "RabbitMQ did not come back");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = rabbitmqctl(&["await_startup"]);
+    }
+}
+
+impl Drop for BrokerOutage {
+    fn drop(&mut self) {
+        self.restart();
+    }
+}

@@ -1,0 +1,260 @@
+//! A throwaway Postgres cluster with pg_outbox preloaded: initdb'd by an unprivileged user
+//! (initdb refuses root) on a free port, in a directory of its own, stopped and removed on
+//! drop. Tests can restart it, crash it and read its log.
+
+use postgres::{Client, NoTls};
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The database the worker serves in test clusters.
+pub const DB: &str = "app";
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    keep: bool,
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a Postgres binary, as `postgres` when we are root.
+fn pg_command(bin: &str) -> Command {
+    let path = format!("{PG_BIN}/{bin}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(mut c: Command) -> Output {
+    let out = c.output().expect("run a postgres binary");
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Settings every test cluster gets; a test adds or overrides with its own.
+pub fn base_settings(port: u16, dir: &Path) -> Vec<(String, String)> {
+    [
+        ("port", port.to_string()),
+        ("listen_addresses", "'127.0.0.1'".into()),
+        ("unix_socket_directories", format!("'{}'", dir.display())),
+        ("shared_preload_libraries", "'pg_outbox'".into()),
+        ("outbox.database", format!("'{DB}'")),
+        ("outbox.amqp_url", "'amqp://guest:guest@127.0.0.1:5672/%2F'".into()),
+        ("outbox.poll_interval", "'1s'".into()),
+        ("max_prepared_transactions", "10".into()),
+        ("max_connections", "50".into()),
+        ("shared_buffers", "'64MB'".into()),
+        ("fsync", "on".into()),
+        ("log_line_prefix", "'%m [%p] %b '".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+impl Cluster {
+    /// initdb, configure with `settings` (over [`base_settings`]), start, create database
+    /// `app` and the extension in it.
+    pub fn start(settings: &[(&str, &str)]) -> Cluster {
+        let cluster = Cluster::init(settings);
+        cluster.start_server();
+        cluster.admin().batch_execute(&format!("CREATE DATABASE {DB}")).unwrap();
+        cluster.client().batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+        cluster
+    }
+
+    /// initdb and configure, without starting.
+    pub fn init(settings: &[(&str, &str)]) -> Cluster {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("pg_outbox_test_{port}_{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            run({
+                let mut c = Command::new("chown");
+                c.args(["postgres:postgres", dir.to_str().unwrap()]);
+                c
+            });
+        }
+        let data = dir.join("data");
+        run({
+            let mut c = pg_command("initdb");
+            c.args([
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ]);
+            c
+        });
+        let cluster = Cluster { dir, port, keep: std::env::var_os("OUTBOX_KEEP_CLUSTERS").is_some() };
+        let mut all = base_settings(port, &cluster.dir);
+        for (k, v) in settings {
+            all.retain(|(key, _)| key != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        let conf: String = all.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+        let path = data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&path).unwrap();
+        text.push_str("\n# pg_outbox tests\n");
+        text.push_str(&conf);
+        fs::write(&path, text).unwrap();
+        cluster
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    pub fn start_server(&self) {
+        run({
+            let mut c = pg_command("pg_ctl");
+            c.args([
+                "-D",
+                self.data().to_str().unwrap(),
+                "-l",
+                self.log_path().to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]);
+            c
+        });
+    }
+
+    /// Fast shutdown.
+    pub fn stop(&self) {
+        self.pg_ctl_stop("fast");
+    }
+
+    /// Simulates a crash: immediate shutdown, no checkpoint; recovery runs at next start.
+    pub fn crash(&self) {
+        self.pg_ctl_stop("immediate");
+    }
+
+    fn pg_ctl_stop(&self, mode: &str) {
+        let mut c = pg_command("pg_ctl");
+        c.args(["-D", self.data().to_str().unwrap(), "-m", mode, "-w", "-t", "60", "stop"]);
+        let _ = c.output();
+    }
+
+    pub fn restart(&self) {
+        self.stop();
+        self.start_server();
+    }
+
+    /// Appends settings to postgresql.conf and reloads.
+    pub fn reconfigure(&self, settings: &[(&str, &str)]) {
+        let path = self.data().join("postgresql.conf");
+        let mut text = fs::read_to_string(&path).unwrap();
+        for (k, v) in settings {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        fs::write(&path, text).unwrap();
+        self.admin().batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+
+    pub fn connect(&self, db: &str) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Client::connect(
+                &format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port),
+                NoTls,
+            ) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("connect to test cluster: {e}"),
+            }
+        }
+    }
+
+    /// A connection to the served database.
+    pub fn client(&self) -> Client {
+        self.connect(DB)
+    }
+
+    pub fn admin(&self) -> Client {
+        self.connect("postgres")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Pid of the worker, once it is running.
+    pub fn worker_pid(&self) -> Option<i32> {
+        self.client()
+            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox worker'", &[])
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
+    }
+
+    pub fn wait_for_worker(&self) -> i32 {
+        wait_until(Duration::from_secs(60), "the worker to start", || self.worker_pid())
+    }
+
+    /// Rows awaiting publication.
+    pub fn pending(&self) -> i64 {
+        self.client().query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get(0)
+    }
+
+    pub fn wait_drained(&self, within: Duration) {
+        wait_until(within, "the outbox to drain", || (self.pending() == 0).then_some(()));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.pg_ctl_stop("immediate");
+        if !self.keep && !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("test cluster kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `within`.
+pub fn wait_until<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

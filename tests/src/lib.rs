@@ -1,0 +1,17 @@
+//! Test harness for pg_outbox: real Postgres clusters with the extension preloaded, the real
+//! RabbitMQ, a consumer that records what arrived, and ways to break each of them.
+
+pub mod broker;
+pub mod cluster;
+pub mod proxy;
+
+pub use broker::{dedup, unique, Broker, BrokerOutage, Consumer, Delivery};
+pub use cluster::{wait_until, Cluster, DB};
+pub use proxy::Proxy;
+
+/// Serializes tests that stop the shared broker or load the machine, so they do not disturb
+/// each other. Poisoning is ignored: one failed test must not fail the rest.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
