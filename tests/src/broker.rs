@@ -73,7 +73,16 @@ pub struct Consumer {
     pub queue: String,
     pub exchange: String,
     received: Arc<Mutex<Vec<Delivery>>>,
-    _channel: Channel,
+    channel: Option<Channel>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // amqprs closes channels from Drop by spawning a task: it needs the runtime.
+        let _context = self.runtime.enter();
+        self.channel.take();
+    }
 }
 
 impl Consumer {
@@ -123,6 +132,15 @@ pub fn dedup(deliveries: &[Delivery]) -> (HashMap<String, usize>, usize) {
 pub struct Broker {
     pub rt: Runtime,
     connection: Connection,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _context = self.rt.enter();
+        let closed = self.connection.clone();
+        let _ =
+            self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), closed.close()).await });
+    }
 }
 
 impl Broker {
@@ -209,7 +227,13 @@ impl Broker {
             });
             ch
         });
-        Consumer { queue, exchange: exchange.to_string(), received, _channel: channel }
+        Consumer {
+            queue,
+            exchange: exchange.to_string(),
+            received,
+            channel: Some(channel),
+            runtime: self.rt.handle().clone(),
+        }
     }
 
     pub fn delete_queue(&self, queue: &str) {
