@@ -105,7 +105,8 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    let ints: [(&'static CStr, &'static CStr, &'static GucSetting<i32>, i32, i32, GucFlags); 9] = [
+    type IntGuc = (&'static CStr, &'static CStr, &'static GucSetting<i32>, i32, i32, GucFlags);
+    let ints: [IntGuc; 9] = [
         (
             c"outbox.batch_size",
             c"Events read from the outbox per batch.",

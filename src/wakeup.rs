@@ -34,10 +34,8 @@ pub fn event_written() {
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if WROTE_EVENT.with(|w| w.replace(false)) {
-                wake_worker();
-            }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if WROTE_EVENT.with(|w| w.replace(false)) => {
+            wake_worker();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WROTE_EVENT.with(|w| w.set(false));

@@ -104,7 +104,7 @@ impl Dispatcher {
     }
 
     /// The next message to publish, if the window allows one and one is ready.
-    pub fn next(&mut self) -> Option<usize> {
+    pub fn release(&mut self) -> Option<usize> {
         if self.in_flight >= self.window {
             return None;
         }
@@ -154,7 +154,7 @@ mod tests {
     }
 
     fn drain(d: &mut Dispatcher) -> Vec<usize> {
-        std::iter::from_fn(|| d.next()).collect()
+        std::iter::from_fn(|| d.release()).collect()
     }
 
     #[test]

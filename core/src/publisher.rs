@@ -26,6 +26,7 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, Close, CloseChannel, Nack, Return};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::mem::ManuallyDrop;
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::{sleep_until, timeout, Instant};
@@ -176,7 +177,10 @@ struct ConfirmChannel {
 
 pub struct Publisher {
     config: PublisherConfig,
-    connection: Connection,
+    /// amqprs closes connections and channels from `Drop` by spawning a task, which needs a
+    /// runtime context: dropped by hand, in the runtime the publisher was made in.
+    connection: ManuallyDrop<Connection>,
+    runtime: tokio::runtime::Handle,
     connection_events: UnboundedReceiver<Event>,
     channel: Option<ConfirmChannel>,
     blocked: bool,
@@ -208,7 +212,8 @@ impl Publisher {
         let registered = connection.register_callback(Forward(tx)).await;
         let mut publisher = Publisher {
             config,
-            connection,
+            connection: ManuallyDrop::new(connection),
+            runtime: tokio::runtime::Handle::current(),
             connection_events,
             channel: None,
             blocked: false,
@@ -281,8 +286,11 @@ impl Publisher {
         &self.config
     }
 
-    pub async fn close(self) {
-        let _ = timeout(Duration::from_secs(2), self.connection.close()).await;
+    pub async fn close(mut self) {
+        if let Some(c) = self.channel.take() {
+            let _ = timeout(Duration::from_secs(2), c.channel.close()).await;
+        }
+        let _ = timeout(Duration::from_secs(2), Connection::clone(&self.connection).close()).await;
     }
 
     /// Publishes `batch` and waits for every outcome. `should_stop` is polled while waiting;
@@ -321,9 +329,11 @@ impl Publisher {
         let mut returned: HashMap<usize, String> = HashMap::new();
         let mut deadline = Instant::now() + self.config.confirm_timeout;
         let channel = self.channel.as_mut().expect("ensured above");
+        // Set when the broker closed the channel: the next batch opens a new one.
+        let mut channel_closed = false;
 
         'batch: loop {
-            while let Some(i) = dispatcher.next() {
+            while let Some(i) = dispatcher.release() {
                 let envelope = match envelopes[i].take().expect("each message is released once") {
                     Ok(e) => e,
                     Err(reason) => {
@@ -365,8 +375,15 @@ impl Publisher {
                 break;
             }
             let event = tokio::select! {
-                ev = channel.events.recv() => ev,
-                ev = self.connection_events.recv() => ev.or(Some(Event::ConnectionClosed("connection gone".into()))),
+                ev = channel.events.recv() => match ev {
+                    Some(ev) => Some(ev),
+                    // The channel's dispatcher is gone, and with it the channel.
+                    None if !self.connection.is_open() => Some(Event::ConnectionClosed("connection lost".into())),
+                    None => Some(Event::ChannelClosed { code: 0, text: String::new() }),
+                },
+                ev = self.connection_events.recv() => {
+                    Some(ev.unwrap_or_else(|| Event::ConnectionClosed("connection gone".into())))
+                }
                 _ = sleep_until(deadline) => None,
                 _ = tokio::time::sleep(TICK) => {
                     if should_stop() {
@@ -416,6 +433,15 @@ impl Publisher {
                         returned.insert(i, format!("returned by the broker: {code} {text}"));
                     }
                 }
+                Some(Event::ChannelClosed { code: 0, .. }) => {
+                    // Gone without a word from the broker: nothing to blame on the messages.
+                    for i in in_flight.values().copied().collect::<Vec<_>>() {
+                        dispatcher.failed(i);
+                    }
+                    in_flight.clear();
+                    channel_closed = true;
+                    break;
+                }
                 Some(Event::ChannelClosed { code, text }) => {
                     let reason = format!("channel closed by the broker: {code} {text}");
                     let unsettled: Vec<usize> = in_flight.values().copied().collect();
@@ -428,6 +454,7 @@ impl Publisher {
                         }
                     }
                     in_flight.clear();
+                    channel_closed = true;
                     break;
                 }
                 Some(Event::ConnectionClosed(reason)) => {
@@ -457,12 +484,19 @@ impl Publisher {
                 }
             }
         }
-        if report.connection_lost.is_some() {
-            self.channel = None;
-        } else if self.channel.as_ref().is_some_and(|c| !c.channel.is_open()) {
+        if channel_closed || report.connection_lost.is_some() {
             self.channel = None;
         }
         report
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let _context = self.runtime.enter();
+        self.channel = None;
+        // SAFETY: dropped once, here; the field is never used again.
+        unsafe { ManuallyDrop::drop(&mut self.connection) };
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 pub struct Proxy {
     pub port: u16,
     refusing: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
     /// Connections accepted (and forwarded) so far.
     pub accepted: Arc<AtomicU64>,
@@ -20,9 +21,10 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let refusing = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicU64::new(0));
-        let (r, o, a) = (refusing.clone(), open.clone(), accepted.clone());
+        let (r, o, a, st) = (refusing.clone(), open.clone(), accepted.clone(), stalled.clone());
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -39,11 +41,12 @@ impl Proxy {
                     open.push(client.try_clone().unwrap());
                     open.push(server.try_clone().unwrap());
                 }
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), None);
+                // Only the broker's answers stall: publishes go through, confirms do not.
+                pipe(server, client, Some(st.clone()));
             }
         });
-        Proxy { port, refusing, open, accepted }
+        Proxy { port, refusing, stalled, open, accepted }
     }
 
     /// Drops every open connection.
@@ -58,14 +61,33 @@ impl Proxy {
         self.refusing.store(on, Ordering::SeqCst);
     }
 
+    /// While stalled, nothing the broker sends reaches the client (no confirms, no
+    /// heartbeats), though the connection stays open: a hung broker.
+    pub fn stall(&self, on: bool) {
+        self.stalled.store(on, Ordering::SeqCst);
+    }
+
     pub fn url(&self) -> String {
         format!("'amqp://guest:guest@127.0.0.1:{}/%2F?heartbeat=5&connection_timeout=2000'", self.port)
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, stalled: Option<Arc<AtomicBool>>) {
+    use std::io::{Read, Write};
     thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            while stalled.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
         let _ = to.shutdown(std::net::Shutdown::Both);
         let _ = from.shutdown(std::net::Shutdown::Both);
     });

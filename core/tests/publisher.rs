@@ -1,0 +1,198 @@
+//! The publisher against the real RabbitMQ: confirms, nacks, returns, refusals, timeouts and
+//! per-aggregate order, each outcome checked against what a consumer received.
+
+use amqprs::{FieldTable, FieldValue};
+use pg_outbox_core::publisher::{FailureKind, Outcome, Publisher, PublisherConfig};
+use pg_outbox_core::{BrokerUrl, OutboxMessage};
+use pg_outbox_tests::{unique, Broker, Proxy};
+use std::time::Duration;
+use tokio::runtime::Runtime;
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn config(exchange: &str) -> PublisherConfig {
+    PublisherConfig {
+        url: BrokerUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2F").unwrap(),
+        default_exchange: exchange.to_string(),
+        declare_default_exchange: false,
+        mandatory: true,
+        confirm_timeout: Duration::from_secs(10),
+        max_in_flight: 100,
+        connection_name: "pg_outbox publisher test".into(),
+    }
+}
+
+fn message(row_id: i64, aggregate: Option<&str>, routing_key: &str) -> OutboxMessage {
+    OutboxMessage {
+        row_id,
+        message_id: format!("m-{row_id}"),
+        event_type: "Tested".into(),
+        body: format!("{{\"row\": {row_id}}}").into_bytes(),
+        aggregate_type: aggregate.map(|_| "thing".into()),
+        aggregate_id: aggregate.map(str::to_string),
+        headers: None,
+        routing_key: Some(routing_key.into()),
+        exchange: None,
+        created_at_unix: 1_700_000_000,
+        attempts: 0,
+    }
+}
+
+fn never_stop() -> bool {
+    false
+}
+
+fn failed(o: &Outcome) -> Option<FailureKind> {
+    match o {
+        Outcome::Failed { kind, .. } => Some(*kind),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_confirmed_batch_arrives_in_order_per_aggregate() {
+    let broker = Broker::connect();
+    let exchange = unique("ex");
+    broker.exchange(&exchange);
+    let consumer = broker.consume(&exchange, "#");
+    let rt = Runtime::new().unwrap();
+    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let aggregates = ["a", "b", "c"];
+    let batch: Vec<OutboxMessage> =
+        (1..=300).map(|i| message(i, (i % 4 != 0).then(|| aggregates[i as usize % 3]), "k")).collect();
+    let report = rt.block_on(publisher.publish_batch(batch, &never_stop));
+    assert!(report.connection_lost.is_none());
+    assert_eq!(report.confirmed(), 300, "{:?}", report.outcomes);
+    let got = consumer.wait_for(300, WITHIN);
+    for agg in aggregates {
+        let rows: Vec<i64> = got
+            .iter()
+            .filter(|d| d.header("aggregate_id") == Some(agg))
+            .map(|d| d.json()["row"].as_i64().unwrap())
+            .collect();
+        assert!(rows.windows(2).all(|w| w[0] < w[1]), "{agg}: {rows:?}");
+        assert!(rows.len() >= 70);
+    }
+    consumer.expect_no_more(300, Duration::from_millis(300));
+}
+
+#[test]
+fn unroutable_messages_fail_only_with_mandatory() {
+    let broker = Broker::connect();
+    let exchange = unique("ex");
+    broker.exchange(&exchange);
+    let consumer = broker.consume(&exchange, "routed");
+    let rt = Runtime::new().unwrap();
+    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let batch = vec![message(1, None, "routed"), message(2, None, "nowhere"), message(3, None, "routed")];
+    let report = rt.block_on(publisher.publish_batch(batch.clone(), &never_stop));
+    assert_eq!(report.outcomes[0], Outcome::Confirmed);
+    assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::Unroutable));
+    assert_eq!(report.outcomes[2], Outcome::Confirmed);
+    consumer.wait_for(2, WITHIN);
+
+    let mut lax =
+        rt.block_on(Publisher::connect(PublisherConfig { mandatory: false, ..config(&exchange) })).unwrap();
+    let report = rt.block_on(lax.publish_batch(batch, &never_stop));
+    assert_eq!(report.confirmed(), 3, "without mandatory the broker drops it and confirms");
+}
+
+#[test]
+fn a_missing_exchange_fails_its_messages_and_the_next_batch_goes_through() {
+    let broker = Broker::connect();
+    let exchange = unique("ex");
+    broker.exchange(&exchange);
+    let consumer = broker.consume(&exchange, "#");
+    let rt = Runtime::new().unwrap();
+    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let mut bad = message(2, Some("x"), "k");
+    bad.exchange = Some(unique("missing"));
+    let batch = vec![message(1, None, "k"), bad, message(3, Some("x"), "k")];
+    let report = rt.block_on(publisher.publish_batch(batch, &never_stop));
+    assert!(report.connection_lost.is_none(), "a channel error is not a connection loss");
+    assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::Refused), "{:?}", report.outcomes);
+    assert_eq!(report.outcomes[2], Outcome::NotAttempted, "held back behind its aggregate's failure");
+    assert_ne!(failed(&report.outcomes[0]), Some(FailureKind::Refused), "the broker named the culprit");
+
+    // A fresh channel is opened for the next batch.
+    let report = rt.block_on(publisher.publish_batch(vec![message(3, Some("x"), "k")], &never_stop));
+    assert_eq!(report.outcomes, vec![Outcome::Confirmed]);
+    let got = consumer.wait_for(2, WITHIN);
+    assert!(got.iter().any(|d| d.message_id.as_deref() == Some("m-3")));
+}
+
+#[test]
+fn nacked_messages_fail_and_hold_back_their_aggregate() {
+    let broker = Broker::connect();
+    let exchange = unique("ex");
+    broker.exchange(&exchange);
+    // A queue that takes one message and rejects the rest: the broker nacks them.
+    let mut args = FieldTable::new();
+    args.insert("x-max-length".try_into().unwrap(), FieldValue::l(1));
+    args.insert("x-overflow".try_into().unwrap(), FieldValue::S("reject-publish".try_into().unwrap()));
+    let full = broker.consume_with(&exchange, "full", args);
+    drop(full); // stop consuming; the queue stays and fills up
+    let rt = Runtime::new().unwrap();
+    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let batch =
+        vec![message(1, Some("a"), "full"), message(2, Some("a"), "full"), message(3, Some("a"), "full")];
+    let report = rt.block_on(publisher.publish_batch(batch, &never_stop));
+    assert_eq!(report.outcomes[0], Outcome::Confirmed);
+    assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::Nacked), "{:?}", report.outcomes);
+    assert_eq!(report.outcomes[2], Outcome::NotAttempted);
+}
+
+#[test]
+fn invalid_rows_fail_without_reaching_the_broker() {
+    let broker = Broker::connect();
+    let exchange = unique("ex");
+    broker.exchange(&exchange);
+    let rt = Runtime::new().unwrap();
+    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let mut bad = message(1, Some("a"), "k");
+    bad.headers = Some("[\"not an object\"]".into());
+    let report = rt.block_on(publisher.publish_batch(vec![bad, message(2, Some("a"), "k")], &never_stop));
+    assert_eq!(failed(&report.outcomes[0]), Some(FailureKind::Invalid));
+    assert_eq!(report.outcomes[1], Outcome::NotAttempted);
+}
+
+#[test]
+fn a_hung_broker_times_out_and_a_cut_connection_is_reported() {
+    let broker = Broker::connect();
+    let exchange = unique("ex");
+    broker.exchange(&exchange);
+    let proxy = Proxy::start(5672);
+    let rt = Runtime::new().unwrap();
+    let url = BrokerUrl::parse(&format!("amqp://guest:guest@127.0.0.1:{}/%2F", proxy.port)).unwrap();
+    let cfg = PublisherConfig { url, confirm_timeout: Duration::from_millis(800), ..config(&exchange) };
+    let mut publisher = rt.block_on(Publisher::connect(cfg.clone())).unwrap();
+
+    proxy.stall(true);
+    let report =
+        rt.block_on(publisher.publish_batch(vec![message(1, None, "k"), message(2, None, "k")], &never_stop));
+    assert_eq!(failed(&report.outcomes[0]), Some(FailureKind::Timeout), "{:?}", report);
+    assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::Timeout));
+    proxy.stall(false);
+
+    let mut publisher = rt.block_on(Publisher::connect(cfg)).unwrap();
+    proxy.cut();
+    let report = rt.block_on(publisher.publish_batch(vec![message(3, None, "k")], &never_stop));
+    assert!(report.connection_lost.is_some(), "{report:?}");
+    assert_ne!(report.outcomes[0], Outcome::Confirmed);
+    assert!(!publisher.is_connected());
+}
+
+#[test]
+fn connecting_to_nothing_fails_fast_without_the_password() {
+    let rt = Runtime::new().unwrap();
+    let port = pg_outbox_tests::cluster::free_port();
+    let url = BrokerUrl::parse(&format!("amqp://app:s3cr3t-pw@127.0.0.1:{port}/%2F?connection_timeout=500"))
+        .unwrap();
+    let err = rt
+        .block_on(Publisher::connect(PublisherConfig { url, ..config("x") }))
+        .err()
+        .expect("no broker there");
+    let text = err.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(!text.contains("s3cr3t-pw"), "{text}");
+}
