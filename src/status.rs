@@ -39,7 +39,10 @@ fn worker_status() -> TableIterator<
                 .flatten();
             (
                 (s.pid > 0).then_some(s.pid),
-                s.state().or_else(|| Some("starting".into())),
+                match (s.pid, s.state()) {
+                    (0, _) => Some("not running".into()),
+                    (_, state) => state.or_else(|| Some("starting".into())),
+                },
                 database,
                 timestamp(s.started_at),
                 Some(s.pid > 0 && s.broker_connected),

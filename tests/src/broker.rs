@@ -163,17 +163,30 @@ impl Broker {
         Broker { rt, connection }
     }
 
-    /// Declares a topic exchange (not durable, auto-deleted with its last queue).
+    /// Declares a durable topic exchange (it survives broker restarts; tests delete it).
     pub fn exchange(&self, name: &str) {
         self.rt.block_on(async {
             let ch = self.connection.open_channel(None).await.unwrap();
             ch.exchange_declare(
-                ExchangeDeclareArguments::of_type(name, ExchangeType::Topic).auto_delete(true).finish(),
+                ExchangeDeclareArguments::of_type(name, ExchangeType::Topic).durable(true).finish(),
             )
             .await
             .unwrap();
             let _ = ch.close().await;
         });
+    }
+
+    /// Declares a durable queue bound to `exchange`, without consuming from it: messages wait
+    /// there (across broker restarts) until [`Broker::consume_queue`].
+    pub fn queue(&self, exchange: &str, binding: &str) -> String {
+        let queue = unique("q");
+        self.rt.block_on(async {
+            let ch = self.connection.open_channel(None).await.unwrap();
+            ch.queue_declare(QueueDeclareArguments::new(&queue).durable(true).finish()).await.unwrap();
+            ch.queue_bind(QueueBindArguments::new(&queue, exchange, binding)).await.unwrap();
+            let _ = ch.close().await;
+        });
+        queue
     }
 
     pub fn delete_exchange(&self, name: &str) {
@@ -192,14 +205,24 @@ impl Broker {
 
     pub fn consume_with(&self, exchange: &str, binding: &str, arguments: FieldTable) -> Consumer {
         let queue = unique("q");
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let sink = received.clone();
-        let channel = self.rt.block_on(async {
+        self.rt.block_on(async {
             let ch = self.connection.open_channel(None).await.unwrap();
             ch.queue_declare(QueueDeclareArguments::new(&queue).durable(true).arguments(arguments).finish())
                 .await
                 .unwrap();
             ch.queue_bind(QueueBindArguments::new(&queue, exchange, binding)).await.unwrap();
+            let _ = ch.close().await;
+        });
+        self.consume_queue(&queue, exchange)
+    }
+
+    /// Consumes an existing queue from now on.
+    pub fn consume_queue(&self, queue: &str, exchange: &str) -> Consumer {
+        let queue = queue.to_string();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        let channel = self.rt.block_on(async {
+            let ch = self.connection.open_channel(None).await.unwrap();
             let (_tag, mut rx) = ch
                 .basic_consume_rx(BasicConsumeArguments::new(&queue, "").auto_ack(true).finish())
                 .await

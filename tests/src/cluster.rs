@@ -126,6 +126,53 @@ impl Cluster {
         cluster
     }
 
+    /// A hot standby of `primary`, made with pg_basebackup, with `settings` of its own.
+    pub fn standby_of(primary: &Cluster, settings: &[(&str, &str)]) -> Cluster {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("pg_outbox_test_{port}_{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            run({
+                let mut c = Command::new("chown");
+                c.args(["postgres:postgres", dir.to_str().unwrap()]);
+                c
+            });
+        }
+        let data = dir.join("data");
+        run({
+            let mut c = pg_command("pg_basebackup");
+            c.args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"]);
+            c.args(["-D", data.to_str().unwrap(), "-R", "-X", "stream", "--no-sync"]);
+            c
+        });
+        let cluster = Cluster { dir, port, keep: primary.keep };
+        let mut text = String::from("\n# standby\n");
+        text.push_str(&format!("port = {port}\nunix_socket_directories = '{}'\n", cluster.dir.display()));
+        for (k, v) in settings {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        let path = data.join("postgresql.conf");
+        let mut conf = fs::read_to_string(&path).unwrap();
+        conf.push_str(&text);
+        fs::write(&path, conf).unwrap();
+        cluster.start_server();
+        cluster
+    }
+
+    pub fn promote(&self) {
+        run({
+            let mut c = pg_command("pg_ctl");
+            c.args(["-D", self.data().to_str().unwrap(), "-w", "promote"]);
+            c
+        });
+    }
+
+    /// Lines of the server log that contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(text)).count()
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
@@ -215,7 +262,12 @@ impl Cluster {
 
     /// Pid of the worker, once it is running.
     pub fn worker_pid(&self) -> Option<i32> {
-        self.client()
+        self.worker_pid_in(DB)
+    }
+
+    /// Pid of the worker, asked in database `db`.
+    pub fn worker_pid_in(&self, db: &str) -> Option<i32> {
+        self.connect(db)
             .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox worker'", &[])
             .ok()
             .flatten()

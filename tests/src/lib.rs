@@ -3,10 +3,12 @@
 
 pub mod broker;
 pub mod cluster;
+pub mod load;
 pub mod proxy;
 
 pub use broker::{dedup, unique, Broker, BrokerOutage, Consumer, Delivery};
 pub use cluster::{wait_until, Cluster, DB};
+pub use load::{verify, Load, LoadSpec, Verdict};
 pub use proxy::Proxy;
 
 /// Serializes tests that stop the shared broker or load the machine, so they do not disturb

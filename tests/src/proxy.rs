@@ -14,6 +14,8 @@ pub struct Proxy {
     open: Arc<Mutex<Vec<TcpStream>>>,
     /// Connections accepted (and forwarded) so far.
     pub accepted: Arc<AtomicU64>,
+    /// Connections closed at once because the proxy was refusing.
+    pub refused: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -24,11 +26,14 @@ impl Proxy {
         let stalled = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicU64::new(0));
-        let (r, o, a, st) = (refusing.clone(), open.clone(), accepted.clone(), stalled.clone());
+        let refused = Arc::new(AtomicU64::new(0));
+        let (r, o, a, st, rf) =
+            (refusing.clone(), open.clone(), accepted.clone(), stalled.clone(), refused.clone());
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
                 if r.load(Ordering::SeqCst) {
+                    rf.fetch_add(1, Ordering::SeqCst);
                     drop(client);
                     continue;
                 }
@@ -46,7 +51,7 @@ impl Proxy {
                 pipe(server, client, Some(st.clone()));
             }
         });
-        Proxy { port, refusing, stalled, open, accepted }
+        Proxy { port, refusing, stalled, open, accepted, refused }
     }
 
     /// Drops every open connection.
