@@ -114,6 +114,8 @@ SELECT (SELECT count(*) FROM outbox.messages)                                   
        w.worker_started_at
   FROM outbox.worker_status() w;
 
+-- Everyone may look the schema up and read the stats; everything else is granted explicitly.
+GRANT USAGE ON SCHEMA outbox TO PUBLIC;
 GRANT SELECT ON outbox.stats TO PUBLIC;
 
 -- Installing without preloading works for writing, but nothing would publish: say so.

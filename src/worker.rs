@@ -334,7 +334,14 @@ impl<'rt> Relay<'rt> {
             return false;
         }
         let shown = config.url.to_string();
-        match self.runtime.block_on(Publisher::connect(config)) {
+        let connected = self.runtime.block_on(async {
+            tokio::select! {
+                result = Publisher::connect(config) => Some(result),
+                _ = signals::stop_requested_async() => None,
+            }
+        });
+        let Some(connected) = connected else { return false };
+        match connected {
             Ok(publisher) => {
                 if let Some(w) = &publisher.declare_warning {
                     warning!("pg_outbox: {}", self.scrub(w));

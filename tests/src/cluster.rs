@@ -231,10 +231,14 @@ impl Cluster {
     }
 
     pub fn connect(&self, db: &str) -> Client {
+        self.connect_as(db, "postgres")
+    }
+
+    pub fn connect_as(&self, db: &str, user: &str) -> Client {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match Client::connect(
-                &format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port),
+                &format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port),
                 NoTls,
             ) {
                 Ok(c) => return c,
