@@ -12,7 +12,7 @@
 
 use crate::store::{self, Failure, Schema};
 use crate::{gucs, shmem, signals};
-use pg_outbox_core::publisher::{BatchReport, FailureKind, Outcome, Publisher, PublisherConfig};
+use pg_outbox_core::publisher::{BatchReport, Outcome, Publisher, PublisherConfig};
 use pg_outbox_core::retry::{Backoff, RetryDecision};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
@@ -259,9 +259,9 @@ impl<'rt> Relay<'rt> {
                 Outcome::NotAttempted => {}
                 Outcome::Failed { kind, reason } => {
                     let failed_attempts = attempts.max(0) as u32 + 1;
-                    let retry_after = match (kind, policy.decide(failed_attempts, &mut self.rng)) {
-                        (FailureKind::Invalid, _) | (_, RetryDecision::DeadLetter) => None,
-                        (_, RetryDecision::RetryAfter(d)) => Some(d),
+                    let retry_after = match policy.decide_for(*kind, failed_attempts, &mut self.rng) {
+                        RetryDecision::DeadLetter => None,
+                        RetryDecision::RetryAfter(d) => Some(d),
                     };
                     let error = format!("{}: {}", kind.as_str(), self.scrub(reason));
                     newest_error = Some(error.clone());

@@ -116,7 +116,6 @@ enum Event {
     Returned { message_id: Option<String>, code: u16, text: String },
     ChannelClosed { code: u16, text: String },
     ConnectionClosed(String),
-    Blocked(bool),
 }
 
 struct Forward(UnboundedSender<Event>);
@@ -159,12 +158,10 @@ impl ConnectionCallback for Forward {
         )));
         Ok(())
     }
-    async fn blocked(&mut self, _: &Connection, _reason: String) {
-        let _ = self.0.send(Event::Blocked(true));
-    }
-    async fn unblocked(&mut self, _: &Connection) {
-        let _ = self.0.send(Event::Blocked(false));
-    }
+    // amqprs does not announce the connection.blocked capability, so RabbitMQ never sends
+    // these; a resource alarm shows as missing confirms (a timeout) instead.
+    async fn blocked(&mut self, _: &Connection, _reason: String) {}
+    async fn unblocked(&mut self, _: &Connection) {}
     async fn secret_updated(&mut self, _: &Connection) {}
 }
 
@@ -183,7 +180,6 @@ pub struct Publisher {
     runtime: tokio::runtime::Handle,
     connection_events: UnboundedReceiver<Event>,
     channel: Option<ConfirmChannel>,
-    blocked: bool,
     /// Set by the last connect when declaring the default exchange failed (it may exist with
     /// another type); publishing goes on, the caller reports it.
     pub declare_warning: Option<String>,
@@ -216,7 +212,6 @@ impl Publisher {
             runtime: tokio::runtime::Handle::current(),
             connection_events,
             channel: None,
-            blocked: false,
             declare_warning: None,
         };
         if let Err(e) = registered {
@@ -273,10 +268,8 @@ impl Publisher {
     /// Whether the connection is still up, as far as the client knows.
     pub fn is_connected(&mut self) -> bool {
         while let Ok(ev) = self.connection_events.try_recv() {
-            match ev {
-                Event::ConnectionClosed(_) => return false,
-                Event::Blocked(b) => self.blocked = b,
-                _ => {}
+            if let Event::ConnectionClosed(_) = ev {
+                return false;
             }
         }
         self.connection.is_open()
@@ -460,15 +453,6 @@ impl Publisher {
                 Some(Event::ConnectionClosed(reason)) => {
                     report.connection_lost = Some(reason);
                     break;
-                }
-                Some(Event::Blocked(b)) => {
-                    self.blocked = b;
-                    deadline = Instant::now() + self.config.confirm_timeout;
-                }
-                None if self.blocked => {
-                    // A blocked connection (broker resource alarm) is an outage, not a fault
-                    // of these messages: keep waiting.
-                    deadline = Instant::now() + self.config.confirm_timeout;
                 }
                 None => {
                     let reason = format!("no confirm within {:?}", self.config.confirm_timeout);

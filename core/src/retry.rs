@@ -3,6 +3,7 @@
 //! Both grow exponentially with "equal jitter": half of the delay is fixed, half random, so
 //! retries spread out without ever retrying immediately.
 
+use crate::publisher::FailureKind;
 use rand::Rng;
 use std::time::Duration;
 
@@ -30,8 +31,28 @@ impl RetryPolicy {
         if failed_attempts >= self.max_attempts {
             RetryDecision::DeadLetter
         } else {
-            RetryDecision::RetryAfter(jittered(exponential(self.base, self.max, failed_attempts), rng))
+            RetryDecision::RetryAfter(self.delay(failed_attempts, rng))
         }
+    }
+
+    /// Decides for a failure of this kind:
+    /// - a row that cannot become a message is dead-lettered at once (retrying cannot help);
+    /// - a missing confirm is retried with back-off but never dead-letters the event: a broker
+    ///   that does not answer (a resource alarm, a hang) is an outage, not a bad message;
+    /// - anything else the broker said about the message counts towards `max_attempts`.
+    pub fn decide_for(&self, kind: FailureKind, failed_attempts: u32, rng: &mut impl Rng) -> RetryDecision {
+        match kind {
+            FailureKind::Invalid => RetryDecision::DeadLetter,
+            FailureKind::Timeout => RetryDecision::RetryAfter(self.delay(failed_attempts, rng)),
+            FailureKind::Nacked | FailureKind::Unroutable | FailureKind::Refused => {
+                self.decide(failed_attempts, rng)
+            }
+        }
+    }
+
+    /// Delay after `failed_attempts` failures, with jitter.
+    pub fn delay(&self, failed_attempts: u32, rng: &mut impl Rng) -> Duration {
+        jittered(exponential(self.base, self.max, failed_attempts), rng)
     }
 }
 
@@ -112,6 +133,19 @@ mod tests {
         assert_eq!(p.decide(3, &mut rng), RetryDecision::DeadLetter);
         let once = RetryPolicy { max_attempts: 1, ..p };
         assert_eq!(once.decide(1, &mut rng), RetryDecision::DeadLetter);
+    }
+
+    #[test]
+    fn failure_kinds_decide_differently() {
+        let p = RetryPolicy { base: S, max: 10 * S, max_attempts: 2 };
+        let mut rng = StdRng::seed_from_u64(4);
+        assert_eq!(p.decide_for(FailureKind::Invalid, 1, &mut rng), RetryDecision::DeadLetter);
+        assert_eq!(p.decide_for(FailureKind::Unroutable, 2, &mut rng), RetryDecision::DeadLetter);
+        assert!(matches!(p.decide_for(FailureKind::Nacked, 1, &mut rng), RetryDecision::RetryAfter(_)));
+        // Timeouts back off like the rest but never dead-letter.
+        assert!(
+            matches!(p.decide_for(FailureKind::Timeout, 50, &mut rng), RetryDecision::RetryAfter(d) if d >= 5 * S)
+        );
     }
 
     #[test]

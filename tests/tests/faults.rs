@@ -482,3 +482,60 @@ fn a_hot_standby_publishes_nothing_until_promoted() {
     standby.wait_drained(WITHIN);
     broker.delete_exchange(&exchange);
 }
+
+/// Raises RabbitMQ's memory alarm (publishers are blocked) until dropped.
+struct MemoryAlarm;
+
+impl MemoryAlarm {
+    fn raise() -> MemoryAlarm {
+        let ok = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.000001"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        MemoryAlarm
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new("rabbitmqctl").args(["set_vm_memory_high_watermark", "0.4"]).status();
+    }
+}
+
+#[test]
+fn a_broker_resource_alarm_delays_but_never_dead_letters() {
+    let _alone = exclusive();
+    let broker = Broker::connect();
+    let (exchange, queue) = exchange_and_queue(&broker);
+    let cluster = Cluster::start(&[
+        ("outbox.confirm_timeout", "'1s'"),
+        ("outbox.max_attempts", "2"),
+        ("outbox.retry_backoff_base", "'200ms'"),
+        ("outbox.retry_backoff_max", "'1s'"),
+    ]);
+    cluster.wait_for_worker();
+    wait_until(WITHIN, "the worker to connect", || stats(&cluster).0.filter(|c| *c));
+    let alarm = MemoryAlarm::raise();
+    let ids = publish_many(&cluster, &exchange, 50);
+    std::thread::sleep(Duration::from_secs(6));
+    let row = cluster
+        .client()
+        .query_one("SELECT dead_letters, failed_attempts_total, pending FROM outbox.stats", &[])
+        .unwrap();
+    let (dead, failed, pending) = (row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2));
+    println!("during a 6 s memory alarm: {failed} failed attempts (timeouts), {pending} pending, {dead} dead letters");
+    assert_eq!(dead, 0, "an outage must not dead-letter events");
+    assert!(failed > 0 && pending > 0, "the alarm blocked publishing");
+    drop(alarm);
+
+    cluster.wait_drained(WITHIN);
+    let consumer = broker.consume_queue(&queue, &exchange);
+    let got = consumer.wait_for(50, WITHIN);
+    let received: HashSet<String> = got.iter().filter_map(|d| d.message_id.clone()).collect();
+    assert_eq!(received, ids);
+    broker.delete_queue(&queue);
+    broker.delete_exchange(&exchange);
+}
