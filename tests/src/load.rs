@@ -110,7 +110,7 @@ fn writer(
             },
         };
         tx_number += 1;
-        let rollback = spec.rollback_every > 0 && tx_number % spec.rollback_every == 0;
+        let rollback = spec.rollback_every > 0 && tx_number.is_multiple_of(spec.rollback_every);
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
