@@ -6,7 +6,7 @@
 //! parsed into a Rust value, which keeps the write path close to a bare INSERT.
 
 use crate::{gucs, wakeup};
-use pg_outbox_core::ordering::aggregate_lock_key;
+use pg_outbox_core::ordering::{aggregate_lock_key, AggregateLock, TransactionLocks};
 use pg_outbox_core::validate::{check_event, ErrorClass, EventArgs, InvalidEvent};
 use pgrx::datum::DatumWithOid;
 use pgrx::fcinfo::{pg_getarg, pg_getarg_datum};
@@ -21,11 +21,18 @@ const INSERT_EVENT: &str = "INSERT INTO outbox.messages \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Distinguishes our advisory locks from those of `pg_advisory_xact_lock`, which use 1 and 2
-/// in this field: `pg_locks.objsubid` shows 3 for a pg_outbox aggregate lock.
+/// in this field: `pg_locks.objsubid` shows 3 for an aggregate lock, 4 for a bucket lock.
 const AGGREGATE_LOCK_FIELD4: u16 = 3;
+const BUCKET_LOCK_FIELD4: u16 = 4;
 
 thread_local! {
     static INSERT_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+    static LOCKS: RefCell<TransactionLocks> = RefCell::new(TransactionLocks::default());
+}
+
+/// Called when a transaction ends: its locks are gone.
+pub fn transaction_ended() {
+    LOCKS.with(|l| l.borrow_mut().reset());
 }
 
 #[no_mangle]
@@ -126,16 +133,33 @@ fn jsonb_text(datum: pg_sys::Datum) -> &'static CStr {
 }
 
 /// Blocks until every other transaction that wrote this aggregate has ended; held to our
-/// own transaction's end, so the aggregate's events get ids in commit order.
+/// own transaction's end, so the aggregate's events get ids in commit order. See
+/// [`TransactionLocks`] for which locks that takes.
 unsafe fn lock_aggregate(key: u64) {
-    let mut tag: pg_sys::LOCKTAG = std::mem::zeroed();
-    tag.locktag_field1 = pg_sys::MyDatabaseId.to_u32();
-    tag.locktag_field2 = (key >> 32) as u32;
-    tag.locktag_field3 = key as u32;
-    tag.locktag_field4 = AGGREGATE_LOCK_FIELD4;
-    tag.locktag_type = pg_sys::LockTagType::LOCKTAG_ADVISORY as u8;
-    tag.locktag_lockmethodid = pg_sys::USER_LOCKMETHOD as u8;
-    pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false);
+    for lock in LOCKS.with(|l| l.borrow_mut().plan(key)) {
+        let mut tag: pg_sys::LOCKTAG = std::mem::zeroed();
+        tag.locktag_field1 = pg_sys::MyDatabaseId.to_u32();
+        tag.locktag_type = pg_sys::LockTagType::LOCKTAG_ADVISORY as u8;
+        tag.locktag_lockmethodid = pg_sys::USER_LOCKMETHOD as u8;
+        let mode = match lock {
+            AggregateLock::Aggregate(key) => {
+                tag.locktag_field2 = (key >> 32) as u32;
+                tag.locktag_field3 = key as u32;
+                tag.locktag_field4 = AGGREGATE_LOCK_FIELD4;
+                pg_sys::ExclusiveLock
+            }
+            AggregateLock::Bucket { bucket, exclusive } => {
+                tag.locktag_field3 = bucket;
+                tag.locktag_field4 = BUCKET_LOCK_FIELD4;
+                if exclusive {
+                    pg_sys::ExclusiveLock
+                } else {
+                    pg_sys::ShareLock
+                }
+            }
+        };
+        pg_sys::LockAcquire(&tag, mode as pg_sys::LOCKMODE, false, false);
+    }
 }
 
 fn spi_failed(e: pgrx::spi::SpiError) -> ! {

@@ -199,6 +199,29 @@ mod tests {
                 AND pid = pg_backend_pid() AND mode = 'ExclusiveLock' AND granted",
         );
         assert_eq!(locks, 2);
+        let buckets = count(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 4
+                AND pid = pg_backend_pid() AND mode = 'ShareLock' AND granted",
+        );
+        assert!((1..=2).contains(&buckets), "{buckets}");
+    }
+
+    #[pg_test]
+    fn a_transaction_writing_many_aggregates_takes_a_bounded_number_of_locks() {
+        Spi::run(
+            "SELECT outbox.publish('E', '{}', aggregate_type => 'a', aggregate_id => i::text)
+               FROM generate_series(1, 20000) i",
+        )
+        .unwrap();
+        assert_eq!(pending(), 20000);
+        let locks =
+            count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()");
+        assert!(locks <= 2 * 32 + 256, "{locks} locks");
+        let exclusive_buckets = count(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 4
+                AND pid = pg_backend_pid() AND mode = 'ExclusiveLock'",
+        );
+        assert!(exclusive_buckets > 200, "{exclusive_buckets}");
     }
 
     #[pg_test]

@@ -33,6 +33,16 @@ pub fn event_written() {
 
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE
+    ) {
+        crate::api::transaction_ended();
+    }
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if WROTE_EVENT.with(|w| w.replace(false)) => {
             wake_worker();

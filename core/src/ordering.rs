@@ -32,6 +32,56 @@ pub fn aggregate_lock_key(aggregate_type: Option<&str>, aggregate_id: &str) -> u
     h.finish()
 }
 
+/// Distinct aggregates a transaction locks one by one; beyond this it locks buckets.
+pub const FINE_LOCKS_PER_TRANSACTION: usize = 32;
+/// Buckets of aggregates for transactions that write many aggregates.
+pub const LOCK_BUCKETS: u64 = 256;
+
+/// A lock `outbox.publish` takes, held until the transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AggregateLock {
+    /// The aggregate's own lock, exclusive.
+    Aggregate(u64),
+    /// A bucket of aggregates: shared beside an aggregate lock, exclusive in place of them.
+    Bucket { bucket: u32, exclusive: bool },
+}
+
+/// Which locks serialize the writers of an aggregate, per transaction.
+///
+/// The first [`FINE_LOCKS_PER_TRANSACTION`] distinct aggregates of a transaction each get their
+/// own exclusive lock, plus their bucket's lock in share mode. A transaction that writes more
+/// aggregates than that (a bulk import) takes the buckets of the further ones exclusively
+/// instead, so one transaction never holds more than 2 × 32 + 256 locks, however many
+/// aggregates it writes (Postgres' lock table is small). Writers of one aggregate always meet
+/// on a conflicting lock: two fine writers on the aggregate lock, a fine and a bulk writer on
+/// the bucket (share against exclusive), two bulk writers on the bucket.
+#[derive(Debug, Default)]
+pub struct TransactionLocks {
+    fine: std::collections::HashSet<u64>,
+    bulk: bool,
+}
+
+impl TransactionLocks {
+    /// The locks to acquire for an event of aggregate `key`, in this order. Acquiring a lock
+    /// the transaction already holds is cheap, so they are always all returned.
+    pub fn plan(&mut self, key: u64) -> Vec<AggregateLock> {
+        let bucket = (key % LOCK_BUCKETS) as u32;
+        if self.fine.contains(&key) || (!self.bulk && self.fine.len() < FINE_LOCKS_PER_TRANSACTION) {
+            self.fine.insert(key);
+            vec![AggregateLock::Bucket { bucket, exclusive: false }, AggregateLock::Aggregate(key)]
+        } else {
+            self.bulk = true;
+            vec![AggregateLock::Bucket { bucket, exclusive: true }]
+        }
+    }
+
+    /// At the end of the transaction.
+    pub fn reset(&mut self) {
+        self.fine.clear();
+        self.bulk = false;
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
     /// Behind an unconfirmed message of its aggregate.
@@ -179,6 +229,26 @@ mod tests {
         assert_ne!(k, aggregate_lock_key(Some("account1"), "23"));
         assert_ne!(k, aggregate_lock_key(None, "123"));
         assert_ne!(aggregate_lock_key(Some(""), "x"), aggregate_lock_key(None, "x"));
+    }
+
+    #[test]
+    fn many_aggregates_in_one_transaction_lock_buckets() {
+        let mut t = TransactionLocks::default();
+        for k in 0..FINE_LOCKS_PER_TRANSACTION as u64 {
+            assert!(
+                matches!(t.plan(k)[..], [AggregateLock::Bucket { exclusive: false, .. }, AggregateLock::Aggregate(x)] if x == k)
+            );
+        }
+        assert_eq!(
+            t.plan(1000),
+            vec![AggregateLock::Bucket { bucket: (1000 % LOCK_BUCKETS) as u32, exclusive: true }]
+        );
+        // An aggregate locked one by one before keeps its own lock.
+        assert!(matches!(t.plan(3)[..], [_, AggregateLock::Aggregate(3)]));
+        let buckets: std::collections::HashSet<_> = (0..100_000u64).flat_map(|k| t.plan(k + 5000)).collect();
+        assert!(buckets.len() <= LOCK_BUCKETS as usize);
+        t.reset();
+        assert!(matches!(t.plan(1000)[..], [_, AggregateLock::Aggregate(1000)]));
     }
 
     #[test]

@@ -418,3 +418,59 @@ fn unroutable_events_count_as_published_when_so_configured() {
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (2, 0, 0));
     broker.delete_exchange(&exchange);
 }
+
+#[test]
+fn a_bulk_transaction_still_serializes_writers_of_its_aggregates() {
+    let cluster = Cluster::start(&[]);
+    let broker = Broker::connect();
+    let exchange = unique("ex");
+    broker.exchange(&exchange);
+    let consumer = broker.consume(&exchange, "#");
+    cluster.wait_for_worker();
+    // 100 aggregates in one transaction: past the first 32 it locks buckets, not aggregates.
+    let mut bulk = cluster.client();
+    let mut tx = bulk.transaction().unwrap();
+    tx.execute(
+        "SELECT outbox.publish('Bulk', jsonb_build_object('i', i), aggregate_id => i::text, exchange => $1)
+           FROM generate_series(1, 100) i",
+        &[&exchange],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let ex = exchange.clone();
+    let writers: Vec<_> = ["5", "77"]
+        .into_iter()
+        .map(|aggregate| {
+            let ex = ex.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(
+                    &format!("host=127.0.0.1 port={port} user=postgres dbname=app"),
+                    postgres::NoTls,
+                )
+                .unwrap();
+                c.execute(
+                    "SELECT outbox.publish('Single', '{}', aggregate_id => $1, exchange => $2)",
+                    &[&aggregate, &ex],
+                )
+                .unwrap();
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        writers.iter().all(|w| !w.is_finished()),
+        "writers of the bulk transaction's aggregates must wait"
+    );
+    tx.commit().unwrap();
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    let got = consumer.wait_for(102, WITHIN);
+    for aggregate in ["5", "77"] {
+        let types: Vec<&str> = got
+            .iter()
+            .filter(|d| d.header("aggregate_id") == Some(aggregate))
+            .map(|d| d.message_type.as_deref().unwrap())
+            .collect();
+        assert_eq!(types, vec!["Bulk", "Single"], "aggregate {aggregate}");
+    }
+    broker.delete_exchange(&exchange);
+}

@@ -1,0 +1,77 @@
+//! The baseline: a bare amqprs publisher, one connection, one confirm-mode channel, at most
+//! `window` unconfirmed messages, the same properties pg_outbox sends. What the broker can take
+//! from one client on this machine.
+
+use amqprs::callbacks::{ChannelCallback, DefaultConnectionCallback};
+use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+struct Confirms(watch::Sender<u64>);
+
+#[async_trait::async_trait]
+impl ChannelCallback for Confirms {
+    async fn close(&mut self, _: &Channel, _: CloseChannel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn flow(&mut self, _: &Channel, _: bool) -> Result<bool, amqprs::error::Error> {
+        Ok(true)
+    }
+    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
+        // Confirms come in order here; `multiple` covers everything up to the tag.
+        self.0.send_modify(|confirmed| *confirmed = (*confirmed).max(ack.delivery_tag()));
+    }
+    async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
+        self.0.send_modify(|confirmed| *confirmed = (*confirmed).max(nack.delivery_tag()));
+    }
+    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
+}
+
+pub fn body(n: u64) -> Vec<u8> {
+    // About 100 bytes of JSON, like the events the relay benchmark writes.
+    format!(r#"{{"amount": 100, "from": "account-{:06}", "to": "account-{:06}", "currency": "EUR", "ref": "{n:012}"}}"#, n % 1000, (n + 1) % 1000)
+        .into_bytes()
+}
+
+/// Publishes `count` persistent messages with at most `window` unconfirmed; returns the rate.
+pub fn publish_rate(exchange: &str, routing_key: &str, count: u64, window: u64) -> f64 {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let connection = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
+            .await
+            .unwrap();
+        connection.register_callback(DefaultConnectionCallback).await.unwrap();
+        let channel = connection.open_channel(None).await.unwrap();
+        let (tx, mut rx) = watch::channel(0u64);
+        channel.register_callback(Confirms(tx)).await.unwrap();
+        channel.confirm_select(ConfirmSelectArguments::new(false)).await.unwrap();
+        let args = BasicPublishArguments::new(exchange, routing_key).mandatory(true).finish();
+        let started = Instant::now();
+        for n in 1..=count {
+            while n - *rx.borrow() > window {
+                rx.changed().await.unwrap();
+            }
+            let mut props = BasicProperties::default();
+            props
+                .with_message_id(&format!("raw-{n}"))
+                .with_message_type("FundsTransferEvent")
+                .with_content_type("application/json")
+                .with_delivery_mode(2)
+                .with_timestamp(1_700_000_000)
+                .with_app_id("raw");
+            channel.basic_publish(props.finish(), body(n), args.clone()).await.unwrap();
+        }
+        while *rx.borrow() < count {
+            tokio::time::timeout(Duration::from_secs(60), rx.changed()).await.unwrap().unwrap();
+        }
+        let rate = count as f64 / started.elapsed().as_secs_f64();
+        channel.close().await.ok();
+        connection.close().await.ok();
+        rate
+    })
+}

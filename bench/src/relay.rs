@@ -1,0 +1,161 @@
+//! Relay throughput: a backlog of committed events drained to the broker, against the raw
+//! publisher's rate; the same per-event rate for 100,000 and 1,000,000 events; and the size of
+//! the outbox after draining.
+
+use crate::{progress, raw, Row};
+use pg_outbox_tests::{cluster::free_port, unique, wait_until, Broker, Cluster};
+use std::time::{Duration, Instant};
+
+pub struct Sizes {
+    pub raw: u64,
+    pub backlog: u64,
+    pub small: u64,
+    pub big: u64,
+}
+
+impl Sizes {
+    pub fn full() -> Sizes {
+        Sizes { raw: 200_000, backlog: 200_000, small: 100_000, big: 1_000_000 }
+    }
+    pub fn quick() -> Sizes {
+        Sizes { raw: 50_000, backlog: 50_000, small: 20_000, big: 100_000 }
+    }
+}
+
+/// Writes `count` events (about 100 bytes of JSON each, one aggregate per account) in
+/// transactions of 50,000.
+pub fn write_backlog(cluster: &Cluster, exchange: &str, count: u64) {
+    let mut db = cluster.client();
+    let mut done = 0u64;
+    while done < count {
+        let n = (count - done).min(50_000) as i64;
+        db.execute(
+            "SELECT outbox.publish('FundsTransferEvent',
+                    jsonb_build_object('amount', 100, 'from', 'account-' || lpad((i % 1000)::text, 6, '0'),
+                                       'to', 'account-' || lpad(((i + 1) % 1000)::text, 6, '0'),
+                                       'currency', 'EUR', 'ref', lpad(i::text, 12, '0')),
+                    aggregate_type => 'account', aggregate_id => ((i * 7919) % 100000)::text,
+                    exchange => $1)
+               FROM generate_series($2::int8, $2::int8 + $3::int8 - 1) i",
+            &[&exchange, &(done as i64), &n],
+        )
+        .unwrap();
+        done += n as u64;
+    }
+}
+
+fn published_total(cluster: &Cluster) -> i64 {
+    cluster
+        .client()
+        .query_one("SELECT coalesce(published_total, 0) FROM outbox.worker_status()", &[])
+        .unwrap()
+        .get(0)
+}
+
+fn connected(cluster: &Cluster) -> bool {
+    cluster
+        .client()
+        .query_one("SELECT coalesce(broker_connected, false) FROM outbox.worker_status()", &[])
+        .unwrap()
+        .get(0)
+}
+
+pub const BROKER_URL: &str = "'amqp://guest:guest@127.0.0.1:5672/%2F'";
+
+/// Points the worker at nowhere, so that a backlog can be written.
+pub fn disconnect(cluster: &Cluster) {
+    let nowhere = format!("'amqp://guest:guest@127.0.0.1:{}/%2F?connection_timeout=500'", free_port());
+    cluster.reconfigure(&[("outbox.amqp_url", &nowhere)]);
+    wait_until(Duration::from_secs(60), "the worker to disconnect", || (!connected(cluster)).then_some(()));
+}
+
+/// Lets the worker reach the broker and times the drain of `count` pending events.
+pub fn drain(cluster: &Cluster, count: u64) -> f64 {
+    let before = published_total(cluster);
+    let started = Instant::now();
+    cluster.reconfigure(&[("outbox.amqp_url", BROKER_URL)]);
+    wait_until(Duration::from_secs(600), "the backlog to drain", || {
+        (published_total(cluster) - before >= count as i64).then_some(())
+    });
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+pub fn relation_sizes(cluster: &Cluster) -> (i64, i64) {
+    let row = cluster
+        .client()
+        .query_one("SELECT pg_relation_size('outbox.messages'), pg_indexes_size('outbox.messages')", &[])
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+pub fn throughput(sizes: &Sizes) -> Vec<Row> {
+    let broker = Broker::connect();
+    let exchange = unique("bench");
+    broker.exchange(&exchange);
+    let mut queue = broker.queue(&exchange, "#");
+
+    progress(&format!("raw amqprs publisher: {} persistent messages, at most 1000 unconfirmed", sizes.raw));
+    let raw_rate = raw::publish_rate(&exchange, "FundsTransferEvent", sizes.raw, 1000);
+    progress(&format!("  {raw_rate:.0} msgs/s"));
+    broker.delete_queue(&queue);
+    queue = broker.queue(&exchange, "#");
+
+    let cluster = Cluster::start(&[("outbox.max_in_flight", "1000"), ("outbox.batch_size", "1000")]);
+    cluster.wait_for_worker();
+    let idle = relation_sizes(&cluster);
+    disconnect(&cluster);
+
+    let mut rates = Vec::new();
+    for &count in &[sizes.backlog, sizes.small, sizes.big] {
+        progress(&format!("writing a backlog of {count} events"));
+        let t = Instant::now();
+        write_backlog(&cluster, &exchange, count);
+        progress(&format!("  written in {:.1?}; draining", t.elapsed()));
+        let rate = drain(&cluster, count);
+        progress(&format!("  drained at {rate:.0} events/s"));
+        rates.push(rate);
+        broker.delete_queue(&queue);
+        queue = broker.queue(&exchange, "#");
+        if count != sizes.big {
+            disconnect(&cluster);
+        }
+    }
+    let after_drain = relation_sizes(&cluster);
+    progress("waiting up to 60 s for the outbox to shrink (worker truncation / autovacuum)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut settled = relation_sizes(&cluster);
+    while settled.0 + settled.1 > idle.0 + idle.1 + 256 * 1024 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        settled = relation_sizes(&cluster);
+    }
+    broker.delete_queue(&queue);
+    broker.delete_exchange(&exchange);
+
+    let kb = |b: i64| format!("{} kB", b / 1024);
+    vec![
+        Row {
+            figure: format!("relay: drain {} committed events", sizes.backlog),
+            value: format!("{:.0} events/s", rates[0]),
+            baseline: format!("{raw_rate:.0} msgs/s raw amqprs publisher"),
+            ratio: Some(rates[0] / raw_rate),
+            target: "≥ 80% of raw".into(),
+            met: Some(rates[0] >= 0.8 * raw_rate),
+        },
+        Row {
+            figure: format!("relay: drain {} vs {} events (per-event rate)", sizes.big, sizes.small),
+            value: format!("{:.0} events/s", rates[2]),
+            baseline: format!("{:.0} events/s", rates[1]),
+            ratio: Some(rates[2] / rates[1]),
+            target: "no slower per event".into(),
+            met: Some(rates[2] >= 0.9 * rates[1]),
+        },
+        Row {
+            figure: format!("bloat: outbox table + indexes after draining {}", sizes.big),
+            value: format!("{} (at once: {})", kb(settled.0 + settled.1), kb(after_drain.0 + after_drain.1)),
+            baseline: format!("{} idle", kb(idle.0 + idle.1)),
+            ratio: None,
+            target: "near idle size".into(),
+            met: Some(settled.0 + settled.1 <= idle.0 + idle.1 + 256 * 1024),
+        },
+    ]
+}
