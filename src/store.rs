@@ -19,12 +19,13 @@ pub const SCHEMA_VERSION: &str = env!("CARGO_PKG_VERSION");
 const EXTENSION_STATE: &str = "SELECT e.extversion::text, to_regclass('outbox.messages')::oid::int8 \
     FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_outbox'";
 
-const SELECT_BATCH: &str = "\
-SELECT m.id, m.message_id::text, m.event_type, m.payload::text, m.aggregate_type, m.aggregate_id,
-       m.headers::text, m.routing_key, m.exchange,
-       extract(epoch FROM m.created_at)::int8, m.attempts
+// The next publishable rows above the floor ($2), in row order: ids only, so that rows already
+// handed to the publisher cost little to skip.
+const SELECT_CANDIDATES: &str = "\
+SELECT m.id
   FROM outbox.messages m
- WHERE (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+ WHERE m.id > $2
+   AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
    AND NOT EXISTS (SELECT 1 FROM outbox.messages r
                     WHERE r.next_attempt_at IS NOT NULL
                       AND r.next_attempt_at > now()
@@ -33,6 +34,14 @@ SELECT m.id, m.message_id::text, m.event_type, m.payload::text, m.aggregate_type
                       AND r.id < m.id)
  ORDER BY m.id
  LIMIT $1";
+
+const SELECT_ROWS: &str = "\
+SELECT m.id, m.message_id::text, m.event_type, m.payload::text, m.aggregate_type, m.aggregate_id,
+       m.headers::text, m.routing_key, m.exchange,
+       extract(epoch FROM m.created_at)::int8, m.attempts
+  FROM outbox.messages m
+ WHERE m.id = ANY ($1)
+ ORDER BY m.id";
 
 const DELETE_PUBLISHED: &str = "DELETE FROM outbox.messages WHERE id = ANY($1)";
 
@@ -54,6 +63,19 @@ INSERT INTO outbox.dead_letters
 SELECT message_id, event_type, payload, aggregate_type, aggregate_id, headers, routing_key,
        exchange, created_at, attempts + 1, final_error
   FROM moved";
+
+/// The last row id handed out (a transaction may still hold it uncommitted).
+const LAST_ID: &str =
+    "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM outbox.messages_id_seq";
+/// This transaction's id: larger than that of every transaction that took one before. (Not a
+/// snapshot's xmax, which only bounds the transactions that have *ended*.)
+const OWN_XID: &str = "SELECT pg_current_xact_id()::text::int8";
+/// Every transaction below a snapshot's xmin has ended.
+const SNAPSHOT_XMIN: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8";
+const LOWEST_ROW_UP_TO: &str = "SELECT min(id) FROM outbox.messages WHERE id > $1 AND id <= $2";
+const OUTBOX_BYTES: &str = "SELECT pg_relation_size('outbox.messages') + pg_indexes_size('outbox.messages')";
+const ANY_ROW: &str = "SELECT EXISTS (SELECT 1 FROM outbox.messages)";
+const TRUNCATE: &str = "TRUNCATE outbox.messages";
 
 const NEXT_RETRY_IN: &str = "\
 SELECT (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::int8
@@ -144,9 +166,31 @@ pub fn schema() -> SpiResult<Schema> {
     }
 }
 
-pub fn read_batch(limit: usize) -> SpiResult<Vec<OutboxMessage>> {
+/// Up to `limit` publishable rows above `floor`, in row order, leaving out those for which
+/// `handed_over` is true.
+pub fn read_batch(
+    limit: usize,
+    floor: i64,
+    handed_over: impl Fn(i64) -> bool,
+    skip_at_most: usize,
+) -> SpiResult<Vec<OutboxMessage>> {
     Spi::connect_mut(|c| {
-        run(c, SELECT_BATCH, &[(limit as i64).into()], |table| {
+        let ids: Vec<i64> =
+            run(c, SELECT_CANDIDATES, &[((limit + skip_at_most) as i64).into(), floor.into()], |t| {
+                let mut ids = Vec::with_capacity(t.len());
+                for row in t {
+                    let id = row.get::<i64>(1)?.unwrap_or_default();
+                    if !handed_over(id) {
+                        ids.push(id);
+                    }
+                }
+                Ok(ids)
+            })?;
+        let ids: Vec<i64> = ids.into_iter().take(limit).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        run(c, SELECT_ROWS, &[ids.into()], |table| {
             let mut batch = Vec::with_capacity(table.len());
             for row in table {
                 batch.push(OutboxMessage {
@@ -195,6 +239,61 @@ pub fn record_failures(failures: &[Failure]) -> SpiResult<()> {
     })
 }
 
+/// A point from which the floor may later advance: (last row id handed out, a transaction id
+/// taken after it). Once every transaction below that id has ended, no row at or below that
+/// row id can still appear: `outbox.publish` assigns the transaction id before the row id.
+pub fn floor_candidate() -> SpiResult<(i64, i64)> {
+    Spi::connect_mut(|c| {
+        let last_id = run(c, LAST_ID, &[], |t| t.first().get::<i64>(1))?.unwrap_or(0);
+        // Taken after the sequence was read, so above every writer that holds one of its ids.
+        let xid = run(c, OWN_XID, &[], |t| t.first().get::<i64>(1))?.unwrap_or(i64::MAX);
+        Ok((last_id, xid))
+    })
+}
+
+/// The new floor once the transactions of `candidate` have all ended, or `None` while some
+/// still run.
+pub fn advance_floor(floor: i64, candidate: (i64, i64)) -> SpiResult<Option<i64>> {
+    Spi::connect_mut(|c| {
+        let xmin = run(c, SNAPSHOT_XMIN, &[], |t| t.first().get::<i64>(1))?.unwrap_or(0);
+        if xmin < candidate.1 {
+            return Ok(None);
+        }
+        let lowest =
+            run(c, LOWEST_ROW_UP_TO, &[floor.into(), candidate.0.into()], |t| t.first().get::<i64>(1))?;
+        Ok(Some(match lowest {
+            Some(id) => (id - 1).max(floor),
+            None => candidate.0.max(floor),
+        }))
+    })
+}
+
+/// Truncates the outbox when it is empty but its files are larger than `min_bytes`, so that
+/// a drained backlog gives its space back at once. Only if nobody else uses the table right
+/// now (a conditional lock, never a wait). Returns whether it truncated.
+pub fn truncate_if_empty(min_bytes: i64) -> SpiResult<bool> {
+    Spi::connect_mut(|c| {
+        let bytes = run(c, OUTBOX_BYTES, &[], |t| t.first().get::<i64>(1))?.unwrap_or(0);
+        if bytes < min_bytes {
+            return Ok(false);
+        }
+        let relid =
+            run(c, "SELECT 'outbox.messages'::regclass::oid::int8", &[], |t| t.first().get::<i64>(1))?
+                .unwrap_or(0);
+        let locked = unsafe {
+            pg_sys::ConditionalLockRelationOid(
+                pg_sys::Oid::from(relid as u32),
+                pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+            )
+        };
+        if !locked || run(c, ANY_ROW, &[], |t| t.first().get::<bool>(1))?.unwrap_or(true) {
+            return Ok(false);
+        }
+        c.update(TRUNCATE, None, &[])?;
+        Ok(true)
+    })
+}
+
 /// How long until the earliest retry is due (zero if one is due now); `None` if none waits.
 pub fn next_retry_in() -> SpiResult<Option<Duration>> {
     let ms = Spi::connect_mut(|c| run(c, NEXT_RETRY_IN, &[], |t| t.first().get::<i64>(1)))?;
@@ -202,12 +301,14 @@ pub fn next_retry_in() -> SpiResult<Option<Duration>> {
 }
 
 /// The worker's own session settings: its bookkeeping commits need not wait for a flush (a
-/// lost delete only means a duplicate), and it must never hang on a lock.
+/// lost delete only means a duplicate); it must never hang on a lock; and each statement sees
+/// the latest commits (the floor depends on it).
 pub fn configure_session() -> SpiResult<()> {
     Spi::run(
         "SELECT set_config('synchronous_commit', 'off', false), \
                 set_config('lock_timeout', '10s', false), \
                 set_config('statement_timeout', '5min', false), \
+                set_config('default_transaction_isolation', 'read committed', false), \
                 set_config('application_name', 'pg_outbox worker', false)",
     )
 }

@@ -2,8 +2,12 @@
 //! the same machine and broker. Run with `script/bench` (release build, its own cluster, the
 //! running RabbitMQ). `script/bench --quick` runs smaller sizes.
 
+mod cpu;
+mod latency;
+mod naive;
 mod raw;
 mod relay;
+mod write;
 
 use std::fmt::Write as _;
 
@@ -48,7 +52,14 @@ fn table(rows: &[Row]) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick { relay::Sizes::quick() } else { relay::Sizes::full() };
+    let (seconds, write_seconds) = if quick { (5, 5) } else { (20, 20) };
+    let started = std::time::Instant::now();
     let mut rows = Vec::new();
-    rows.extend(relay::throughput(&sizes));
+    let (relay_rows, relay_rate) = relay::throughput(&sizes);
+    rows.extend(relay_rows);
+    rows.extend(latency::latency(seconds));
+    rows.extend(write::write_overhead(write_seconds));
+    rows.extend(naive::naive(relay_rate, if quick { 5 } else { 15 }));
+    progress(&format!("done in {:.0?}", started.elapsed()));
     println!("\n{}", table(&rows));
 }

@@ -9,10 +9,17 @@ use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-struct Confirms(watch::Sender<u64>);
+/// Counts confirms (the highest delivery tag confirmed) into a watch channel.
+pub struct ConfirmCounter(watch::Sender<u64>);
+
+impl ConfirmCounter {
+    pub fn new(tx: watch::Sender<u64>) -> Self {
+        ConfirmCounter(tx)
+    }
+}
 
 #[async_trait::async_trait]
-impl ChannelCallback for Confirms {
+impl ChannelCallback for ConfirmCounter {
     async fn close(&mut self, _: &Channel, _: CloseChannel) -> Result<(), amqprs::error::Error> {
         Ok(())
     }
@@ -48,7 +55,7 @@ pub fn publish_rate(exchange: &str, routing_key: &str, count: u64, window: u64) 
         connection.register_callback(DefaultConnectionCallback).await.unwrap();
         let channel = connection.open_channel(None).await.unwrap();
         let (tx, mut rx) = watch::channel(0u64);
-        channel.register_callback(Confirms(tx)).await.unwrap();
+        channel.register_callback(ConfirmCounter(tx)).await.unwrap();
         channel.confirm_select(ConfirmSelectArguments::new(false)).await.unwrap();
         let args = BasicPublishArguments::new(exchange, routing_key).mandatory(true).finish();
         let started = Instant::now();
@@ -56,14 +63,20 @@ pub fn publish_rate(exchange: &str, routing_key: &str, count: u64, window: u64) 
             while n - *rx.borrow() > window {
                 rx.changed().await.unwrap();
             }
+            // The same message pg_outbox sends for the relay benchmark's events: a uuid message
+            // id, the same properties, and the aggregate headers.
+            let mut headers = amqprs::FieldTable::new();
+            headers.insert("aggregate_type".try_into().unwrap(), "account".into());
+            headers.insert("aggregate_id".try_into().unwrap(), ((n * 7919) % 100_000).to_string().into());
             let mut props = BasicProperties::default();
             props
-                .with_message_id(&format!("raw-{n}"))
+                .with_message_id(&format!("01a21e66-c875-7173-84fb-{n:012}"))
                 .with_message_type("FundsTransferEvent")
                 .with_content_type("application/json")
                 .with_delivery_mode(2)
                 .with_timestamp(1_700_000_000)
-                .with_app_id("raw");
+                .with_app_id("pg_outbox")
+                .with_headers(headers);
             channel.basic_publish(props.finish(), body(n), args.clone()).await.unwrap();
         }
         while *rx.borrow() < count {

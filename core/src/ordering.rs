@@ -1,11 +1,12 @@
-//! The order in which a batch is published.
+//! The order in which messages are published.
 //!
-//! Messages are released in batch order (the order of their rows), with two limits:
+//! Messages are released in the order they were pushed (the order of their rows), with two
+//! limits:
 //! - at most `window` messages are unconfirmed at any time;
 //! - of each aggregate, only one message is unconfirmed at a time. The next one is released
 //!   when the broker has confirmed the previous one, so a rejected or returned message can
 //!   never be overtaken by a later event of its aggregate. When one fails, the rest of its
-//!   aggregate in this batch is held back ("blocked") and stays in the outbox behind it.
+//!   aggregate is held back ("blocked") and stays in the outbox behind it.
 //!
 //! Messages without an aggregate are limited by the window only.
 
@@ -82,116 +83,169 @@ impl TransactionLocks {
     }
 }
 
+/// Where a message stands in the dispatcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
     /// Behind an unconfirmed message of its aggregate.
     Waiting,
     Ready,
     InFlight,
-    Confirmed,
-    Failed,
-    /// Held back because an earlier message of its aggregate failed in this batch.
+    /// Held back because an earlier message of its aggregate failed: settled, not published.
     Blocked,
 }
 
+#[derive(Debug, Default)]
+struct Group {
+    in_flight: bool,
+    waiting: VecDeque<u64>,
+    /// A message of the group failed; everything after it is blocked until [`Dispatcher::release`].
+    poisoned: bool,
+}
+
+/// The order in which a stream of messages is published. Messages are pushed in row order
+/// and get increasing sequence numbers; see the module documentation for the rules.
 #[derive(Debug)]
-pub struct Dispatcher {
-    group: Vec<Option<usize>>,
-    slots: Vec<Slot>,
-    ready: BinaryHeap<Reverse<usize>>,
-    followers: Vec<VecDeque<usize>>,
+pub struct Dispatcher<K: Hash + Eq + Clone> {
+    next_seq: u64,
+    slots: HashMap<u64, (Option<K>, Slot)>,
+    groups: HashMap<K, Group>,
+    ready: BinaryHeap<Reverse<u64>>,
     in_flight: usize,
     window: usize,
 }
 
-impl Dispatcher {
-    /// `keys[i]` is the ordering key of the i-th message of the batch, in batch order.
-    pub fn new<K: Hash + Eq>(keys: impl IntoIterator<Item = Option<K>>, window: usize) -> Self {
-        let mut group_of_key: HashMap<K, usize> = HashMap::new();
-        let mut followers: Vec<VecDeque<usize>> = Vec::new();
-        let mut group = Vec::new();
-        let mut slots = Vec::new();
-        let mut ready = BinaryHeap::new();
-        for (i, key) in keys.into_iter().enumerate() {
-            let mut is_head = true;
-            let g = key.map(|k| match group_of_key.get(&k) {
-                Some(&g) => {
-                    followers[g].push_back(i);
-                    is_head = false;
-                    g
-                }
-                None => {
-                    followers.push(VecDeque::new());
-                    group_of_key.insert(k, followers.len() - 1);
-                    followers.len() - 1
-                }
-            });
-            group.push(g);
-            if is_head {
-                slots.push(Slot::Ready);
-                ready.push(Reverse(i));
-            } else {
-                slots.push(Slot::Waiting);
-            }
+impl<K: Hash + Eq + Clone> Dispatcher<K> {
+    pub fn new(window: usize) -> Self {
+        Dispatcher {
+            next_seq: 0,
+            slots: HashMap::new(),
+            groups: HashMap::new(),
+            ready: BinaryHeap::new(),
+            in_flight: 0,
+            window: window.max(1),
         }
-        Dispatcher { group, slots, ready, followers, in_flight: 0, window: window.max(1) }
     }
 
-    pub fn len(&self) -> usize {
+    /// Adds a message; returns its sequence number and where it stands. A message pushed
+    /// into a poisoned aggregate is `Blocked` at once (and settled).
+    pub fn push(&mut self, key: Option<K>) -> (u64, Slot) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let slot = match &key {
+            None => Slot::Ready,
+            Some(k) => {
+                let group = self.groups.entry(k.clone()).or_default();
+                if group.poisoned {
+                    Slot::Blocked
+                } else if group.in_flight || !group.waiting.is_empty() {
+                    group.waiting.push_back(seq);
+                    Slot::Waiting
+                } else {
+                    // Reserved for this message from now on: nothing of the group overtakes it.
+                    group.in_flight = true;
+                    Slot::Ready
+                }
+            }
+        };
+        match slot {
+            Slot::Ready => {
+                self.ready.push(Reverse(seq));
+                self.slots.insert(seq, (key, slot));
+            }
+            Slot::Waiting => {
+                self.slots.insert(seq, (key, slot));
+            }
+            _ => {}
+        }
+        (seq, slot)
+    }
+
+    /// The next message to publish, if the window allows one and one is ready.
+    pub fn release(&mut self) -> Option<u64> {
+        if self.in_flight >= self.window {
+            return None;
+        }
+        let Reverse(seq) = self.ready.pop()?;
+        if let Some(entry) = self.slots.get_mut(&seq) {
+            entry.1 = Slot::InFlight;
+        }
+        self.in_flight += 1;
+        Some(seq)
+    }
+
+    /// Messages not yet settled (waiting, ready or in flight).
+    pub fn unsettled(&self) -> usize {
         self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    pub fn slot(&self, i: usize) -> Slot {
-        self.slots[i]
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
 
-    /// The next message to publish, if the window allows one and one is ready.
-    pub fn release(&mut self) -> Option<usize> {
-        if self.in_flight >= self.window {
-            return None;
-        }
-        let Reverse(i) = self.ready.pop()?;
-        self.slots[i] = Slot::InFlight;
-        self.in_flight += 1;
-        Some(i)
-    }
-
-    /// Nothing in flight and nothing left to release.
-    pub fn is_done(&self) -> bool {
-        self.in_flight == 0 && self.ready.is_empty()
-    }
-
-    pub fn confirmed(&mut self, i: usize) {
-        self.settle(i, Slot::Confirmed);
-        if let Some(g) = self.group[i] {
-            if let Some(next) = self.followers[g].pop_front() {
-                self.slots[next] = Slot::Ready;
-                self.ready.push(Reverse(next));
+    /// The broker confirmed `seq`: the next message of its aggregate becomes ready.
+    pub fn confirmed(&mut self, seq: u64) {
+        let key = self.settle(seq);
+        if let Some(k) = key {
+            let group = self.groups.get_mut(&k).expect("a group for every keyed message");
+            match group.waiting.pop_front() {
+                Some(next) => {
+                    if let Some(entry) = self.slots.get_mut(&next) {
+                        entry.1 = Slot::Ready;
+                    }
+                    self.ready.push(Reverse(next));
+                }
+                None => {
+                    group.in_flight = false;
+                    if !group.poisoned {
+                        self.groups.remove(&k);
+                    }
+                }
             }
         }
     }
 
-    pub fn failed(&mut self, i: usize) {
-        self.settle(i, Slot::Failed);
-        if let Some(g) = self.group[i] {
-            for next in self.followers[g].drain(..) {
-                self.slots[next] = Slot::Blocked;
+    /// `seq` failed: the rest of its aggregate is blocked (returned, settled) and the
+    /// aggregate stays poisoned until [`Dispatcher::release`].
+    pub fn failed(&mut self, seq: u64) -> Vec<u64> {
+        let key = self.settle(seq);
+        let mut blocked = Vec::new();
+        if let Some(k) = key {
+            let group = self.groups.get_mut(&k).expect("a group for every keyed message");
+            group.in_flight = false;
+            group.poisoned = true;
+            blocked.extend(group.waiting.drain(..));
+            for b in &blocked {
+                self.slots.remove(b);
+            }
+        }
+        blocked
+    }
+
+    /// The failure of `key` is on record: later messages of the aggregate may be pushed again.
+    pub fn release_aggregate(&mut self, key: &K) {
+        if let Some(group) = self.groups.get_mut(key) {
+            group.poisoned = false;
+            if !group.in_flight && group.waiting.is_empty() {
+                self.groups.remove(key);
             }
         }
     }
 
-    fn settle(&mut self, i: usize, to: Slot) {
-        assert_eq!(self.slots[i], Slot::InFlight, "message {i} settled twice");
-        self.slots[i] = to;
+    /// Settles everything (the channel or connection is gone); returns what was unsettled.
+    pub fn abandon_all(&mut self) -> Vec<u64> {
+        let mut all: Vec<u64> = self.slots.drain().map(|(seq, _)| seq).collect();
+        all.sort_unstable();
+        self.groups.clear();
+        self.ready.clear();
+        self.in_flight = 0;
+        all
+    }
+
+    fn settle(&mut self, seq: u64) -> Option<K> {
+        let (key, slot) = self.slots.remove(&seq).expect("settling a message that is not unsettled");
+        assert_eq!(slot, Slot::InFlight, "message {seq} settled while {slot:?}");
         self.in_flight -= 1;
+        key
     }
 }
 
@@ -199,18 +253,19 @@ impl Dispatcher {
 mod tests {
     use super::*;
 
-    fn keys(spec: &str) -> Vec<Option<char>> {
-        spec.chars().map(|c| if c == '-' { None } else { Some(c) }).collect()
+    fn push_all(d: &mut Dispatcher<char>, spec: &str) -> Vec<u64> {
+        spec.chars().map(|c| d.push(if c == '-' { None } else { Some(c) }).0).collect()
     }
 
-    fn drain(d: &mut Dispatcher) -> Vec<usize> {
+    fn drain(d: &mut Dispatcher<char>) -> Vec<u64> {
         std::iter::from_fn(|| d.release()).collect()
     }
 
     #[test]
-    fn one_in_flight_per_aggregate_in_batch_order() {
-        // rows:         0    1    2    3    4    5
-        let mut d = Dispatcher::new(keys("aab-a-"), 100);
+    fn one_in_flight_per_aggregate_in_push_order() {
+        let mut d = Dispatcher::new(100);
+        // rows:            0    1    2    3    4    5
+        push_all(&mut d, "aab-a-");
         assert_eq!(drain(&mut d), vec![0, 2, 3, 5]);
         d.confirmed(0);
         assert_eq!(drain(&mut d), vec![1]);
@@ -219,7 +274,56 @@ mod tests {
         for i in [2, 3, 4, 5] {
             d.confirmed(i);
         }
-        assert!(d.is_done());
+        assert_eq!(d.unsettled(), 0);
+    }
+
+    #[test]
+    fn later_pushes_wait_behind_messages_in_flight() {
+        let mut d = Dispatcher::new(100);
+        push_all(&mut d, "a");
+        assert_eq!(drain(&mut d), vec![0]);
+        push_all(&mut d, "ab");
+        assert_eq!(drain(&mut d), vec![2], "the second a waits for the first");
+        d.confirmed(0);
+        assert_eq!(drain(&mut d), vec![1]);
+    }
+
+    #[test]
+    fn window_bounds_unconfirmed_messages() {
+        let mut d = Dispatcher::new(2);
+        push_all(&mut d, "------");
+        assert_eq!(drain(&mut d), vec![0, 1]);
+        d.confirmed(1);
+        assert_eq!(drain(&mut d), vec![2]);
+        assert_eq!(d.in_flight(), 2);
+    }
+
+    #[test]
+    fn a_failure_blocks_its_aggregate_until_released() {
+        let mut d = Dispatcher::new(10);
+        push_all(&mut d, "abaab");
+        assert_eq!(drain(&mut d), vec![0, 1]);
+        assert_eq!(d.failed(0), vec![2, 3]);
+        d.confirmed(1);
+        assert_eq!(drain(&mut d), vec![4]);
+        // Pushed later, before the failure is on record: blocked at once.
+        assert_eq!(d.push(Some('a')).1, Slot::Blocked);
+        d.release_aggregate(&'a');
+        assert_eq!(d.push(Some('a')).1, Slot::Ready);
+        d.confirmed(4);
+        assert_eq!(drain(&mut d), vec![6]);
+        d.confirmed(6);
+        assert_eq!(d.unsettled(), 0);
+    }
+
+    #[test]
+    fn abandoning_returns_everything_unsettled() {
+        let mut d = Dispatcher::new(1);
+        push_all(&mut d, "aab");
+        assert_eq!(drain(&mut d), vec![0]);
+        assert_eq!(d.abandon_all(), vec![0, 1, 2]);
+        assert_eq!((d.unsettled(), d.in_flight()), (0, 0));
+        assert_eq!(d.push(Some('a')).1, Slot::Ready, "a fresh start");
     }
 
     #[test]
@@ -252,58 +356,56 @@ mod tests {
     }
 
     #[test]
-    fn window_bounds_unconfirmed_messages() {
-        let mut d = Dispatcher::new(keys("------"), 2);
-        assert_eq!(drain(&mut d), vec![0, 1]);
-        d.confirmed(1);
-        assert_eq!(drain(&mut d), vec![2]);
-        assert_eq!(d.in_flight(), 2);
-    }
-
-    #[test]
-    fn a_failure_blocks_the_rest_of_its_aggregate_only() {
-        let mut d = Dispatcher::new(keys("abaab"), 10);
-        assert_eq!(drain(&mut d), vec![0, 1]);
-        d.failed(0);
-        d.confirmed(1);
-        assert_eq!(drain(&mut d), vec![4]);
-        assert_eq!([d.slot(2), d.slot(3)], [Slot::Blocked, Slot::Blocked]);
-        d.confirmed(4);
-        assert!(d.is_done());
-    }
-
-    #[test]
     fn never_two_of_one_aggregate_in_flight_whatever_the_outcomes() {
-        // Exhaustive over outcome orders for a small batch: a property check.
-        let spec = keys("aabab-a");
-        for seed in 0..200u64 {
-            let mut d = Dispatcher::new(spec.clone(), 3);
-            let mut in_flight: Vec<usize> = Vec::new();
-            let mut order = Vec::new();
-            let mut x = seed;
+        // Random outcomes and pushes interleaved: a property check over many seeds.
+        let spec: Vec<Option<char>> = "aabab-acbba-cc".chars().map(|c| (c != '-').then_some(c)).collect();
+        for seed in 0..300u64 {
+            let mut d: Dispatcher<char> = Dispatcher::new(3);
+            let mut key_of = HashMap::new();
+            let mut in_flight: Vec<u64> = Vec::new();
+            let mut confirmed_order = Vec::new();
+            let mut failed_keys = std::collections::HashSet::new();
+            let mut to_push = spec.iter();
+            let mut x = seed.wrapping_add(1);
             loop {
-                in_flight.extend(drain(&mut d));
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                if (x >> 40) % 3 == 0 {
+                    if let Some(k) = to_push.next() {
+                        let (seq, _) = d.push(*k);
+                        key_of.insert(seq, *k);
+                    }
+                }
+                in_flight.extend(std::iter::from_fn(|| d.release()));
                 for (i, a) in in_flight.iter().enumerate() {
                     for b in &in_flight[i + 1..] {
-                        assert!(spec[*a].is_none() || spec[*a] != spec[*b], "{a} and {b} in flight together");
+                        assert!(
+                            key_of[a].is_none() || key_of[a] != key_of[b],
+                            "{a} and {b} in flight together"
+                        );
                     }
                 }
                 if in_flight.is_empty() {
-                    break;
+                    if to_push.len() == 0 {
+                        break;
+                    }
+                    continue;
                 }
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let pick = in_flight.remove((x >> 33) as usize % in_flight.len());
                 if (x >> 20) % 5 == 0 {
                     d.failed(pick);
+                    if let Some(k) = key_of[&pick] {
+                        failed_keys.insert(k);
+                    }
                 } else {
                     d.confirmed(pick);
-                    order.push(pick);
+                    confirmed_order.push(pick);
                 }
             }
-            assert!(d.is_done());
-            // Confirmed messages of one aggregate were confirmed in batch order.
-            for k in ['a', 'b'] {
-                let seq: Vec<usize> = order.iter().copied().filter(|i| spec[*i] == Some(k)).collect();
+            // Confirmed messages of one aggregate were confirmed in push order, and nothing of
+            // an aggregate was confirmed after one of its messages failed.
+            for k in ['a', 'b', 'c'] {
+                let seq: Vec<u64> =
+                    confirmed_order.iter().copied().filter(|i| key_of[i] == Some(k)).collect();
                 assert!(seq.windows(2).all(|w| w[0] < w[1]), "{k}: {seq:?}");
             }
         }

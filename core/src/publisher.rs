@@ -1,8 +1,8 @@
-//! Publishing batches to RabbitMQ with publisher confirms.
+//! Publishing to RabbitMQ with publisher confirms.
 //!
-//! One connection and one confirm-mode channel. A batch is published as a pipeline: up to
-//! `max_in_flight` messages are unconfirmed at once (one per aggregate, see [`ordering`]), and
-//! every message ends in exactly one [`Outcome`]:
+//! One connection and one confirm-mode channel. A session publishes a stream of messages as a
+//! pipeline: up to `max_in_flight` are unconfirmed at once (one per aggregate, see
+//! [`ordering`]), and every message ends in exactly one [`Outcome`], reported as soon as known:
 //! - `Confirmed`: the broker acked it and did not return it. Only then may its row go.
 //! - `Failed`: the broker nacked it, returned it as unroutable (with `mandatory`), closed the
 //!   channel because of it, did not confirm it in time, or it cannot be encoded at all. The
@@ -11,13 +11,16 @@
 //!   worker leaves it as it is, and it is published again later (maybe a second time).
 //!
 //! amqprs delivers acks, returns and closes through callbacks on its own tasks; they only
-//! forward [`Event`]s to the batch loop, which runs wherever the caller awaits it.
+//! forward [`Event`]s to the session loop, which runs wherever the caller awaits it. A
+//! session ends when the channel or connection is lost (or when its feed closes), so that
+//! nothing published after a loss can overtake what the loss interrupted: the caller reads
+//! the outbox again, in order, for the next session.
 //!
 //! [`ordering`]: crate::ordering
 
 use crate::broker_url::BrokerUrl;
-use crate::message::{Envelope, OutboxMessage};
-use crate::ordering::Dispatcher;
+use crate::message::{Envelope, OrderingKey, OutboxMessage};
+use crate::ordering::{Dispatcher, Slot};
 use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
 use amqprs::channel::{
     BasicPublishArguments, Channel, ConfirmSelectArguments, ExchangeDeclareArguments, ExchangeType,
@@ -286,192 +289,282 @@ impl Publisher {
         let _ = timeout(Duration::from_secs(2), Connection::clone(&self.connection).close()).await;
     }
 
-    /// Publishes `batch` and waits for every outcome. `should_stop` is polled while waiting;
-    /// when it returns true the loop gives up and unconfirmed messages are `NotAttempted`.
+    /// Publishes `batch` and waits for every outcome: a session fed with one batch.
+    /// `should_stop` is polled while waiting; when it returns true the session gives up and
+    /// unconfirmed messages are `NotAttempted`.
     pub async fn publish_batch(
         &mut self,
         batch: Vec<OutboxMessage>,
-        should_stop: &dyn Fn() -> bool,
+        should_stop: &(dyn Fn() -> bool + Sync),
     ) -> BatchReport {
-        let n = batch.len();
-        let mut report = BatchReport { outcomes: vec![Outcome::NotAttempted; n], connection_lost: None };
-        if n == 0 {
-            return report;
+        let rows: Vec<i64> = batch.iter().map(|m| m.row_id).collect();
+        let (feed_tx, mut feed) = unbounded_channel();
+        let (reports_tx, mut reports) = unbounded_channel();
+        let _ = feed_tx.send(Command::Publish(batch));
+        drop(feed_tx);
+        let end = self.run_session(&mut feed, &reports_tx, should_stop).await;
+        let mut outcome_of: HashMap<i64, Outcome> = HashMap::new();
+        while let Ok(r) = reports.try_recv() {
+            outcome_of.insert(r.row_id, r.outcome);
         }
+        BatchReport {
+            outcomes: rows.iter().map(|id| outcome_of.remove(id).unwrap_or(Outcome::NotAttempted)).collect(),
+            connection_lost: match end {
+                SessionEnd::ConnectionLost(reason) => Some(reason),
+                _ => None,
+            },
+        }
+    }
+
+    /// Publishes what `feed` brings, in feed order, under the window and per-aggregate rules
+    /// (see [`Dispatcher`]), and reports each message's outcome on `reports` as soon as it is
+    /// known. Ends when the feed is closed and everything is settled, or when the channel or
+    /// the connection is lost; then every message not yet reported has been reported (failed
+    /// or `NotAttempted`), except those still unread in the feed, which the caller must treat
+    /// as not attempted.
+    pub async fn run_session(
+        &mut self,
+        feed: &mut UnboundedReceiver<Command>,
+        reports: &UnboundedSender<Report>,
+        should_stop: &(dyn Fn() -> bool + Sync),
+    ) -> SessionEnd {
         if let Err(e) = self.ensure_channel().await {
-            report.connection_lost = Some(e.to_string());
-            return report;
+            return SessionEnd::ConnectionLost(e.to_string());
         }
-        let mut dispatcher =
-            Dispatcher::new(batch.iter().map(|m| m.ordering_key()), self.config.max_in_flight);
-        let mut envelopes: Vec<Option<Result<Envelope, String>>> = Vec::with_capacity(n);
-        let mut bodies: Vec<Vec<u8>> = Vec::with_capacity(n);
-        let mut index_of_id: HashMap<String, usize> = HashMap::with_capacity(n);
-        let mut targets: Vec<Target> = Vec::with_capacity(n);
-        for (i, m) in batch.into_iter().enumerate() {
-            let envelope = m.envelope(&self.config.default_exchange).map_err(|e| e.to_string());
-            targets.push(Target {
-                exchange: envelope.as_ref().map(|e| e.exchange.clone()).unwrap_or_default(),
-                body_len: m.body.len(),
-            });
-            envelopes.push(Some(envelope));
-            index_of_id.insert(m.message_id, i);
-            bodies.push(m.body);
-        }
-        let mut in_flight: BTreeMap<u64, usize> = BTreeMap::new();
-        let mut returned: HashMap<usize, String> = HashMap::new();
+        let mut session = Session {
+            dispatcher: Dispatcher::new(self.config.max_in_flight),
+            pending: HashMap::new(),
+            in_flight: BTreeMap::new(),
+            returned: HashMap::new(),
+            seq_of_id: HashMap::new(),
+            reports,
+        };
+        let mut feed_open = true;
         let mut deadline = Instant::now() + self.config.confirm_timeout;
         let channel = self.channel.as_mut().expect("ensured above");
-        // Set when the broker closed the channel: the next batch opens a new one.
-        let mut channel_closed = false;
 
-        'batch: loop {
-            while let Some(i) = dispatcher.release() {
-                let envelope = match envelopes[i].take().expect("each message is released once") {
+        let end = 'session: loop {
+            while let Some(seq) = session.dispatcher.release() {
+                let Some(message) = session.pending.get_mut(&seq) else { continue };
+                let envelope = match message.envelope.take().expect("each message is released once") {
                     Ok(e) => e,
                     Err(reason) => {
-                        dispatcher.failed(i);
-                        report.outcomes[i] = Outcome::Failed { kind: FailureKind::Invalid, reason };
+                        session.fail(seq, FailureKind::Invalid, reason);
                         continue;
                     }
                 };
                 if !channel.channel.is_open() {
-                    // Closed under us: its close event says why; this one was not sent.
-                    dispatcher.failed(i);
+                    // Closed under us: its close event says why.
                     break;
                 }
                 let args = BasicPublishArguments::new(&envelope.exchange, &envelope.routing_key)
                     .mandatory(self.config.mandatory)
                     .finish();
-                let body = std::mem::take(&mut bodies[i]);
+                let body = std::mem::take(&mut message.body);
                 if let Err(e) = channel.channel.basic_publish(envelope.properties, body, args).await {
-                    dispatcher.failed(i);
-                    report.connection_lost = Some(format!("publish failed: {e}"));
-                    break 'batch;
+                    break 'session SessionEnd::ConnectionLost(format!("publish failed: {e}"));
                 }
                 channel.last_tag += 1;
-                if in_flight.is_empty() {
+                if session.in_flight.is_empty() {
                     deadline = Instant::now() + self.config.confirm_timeout;
                 }
-                in_flight.insert(channel.last_tag, i);
+                session.in_flight.insert(channel.last_tag, seq);
             }
-            if dispatcher.is_done() {
-                break;
+            if !feed_open && session.dispatcher.unsettled() == 0 {
+                break SessionEnd::Finished;
             }
-            if in_flight.is_empty() {
-                // Nothing sent and nothing can be: the channel is gone.
-                let reason =
-                    drain_close_reason(&mut channel.events).unwrap_or_else(|| "channel closed".into());
-                if !self.connection.is_open() {
-                    report.connection_lost = Some(reason);
-                }
-                break;
-            }
+            let waiting_for_confirms = !session.in_flight.is_empty();
             let event = tokio::select! {
+                command = feed.recv(), if feed_open => {
+                    match command {
+                        Some(Command::Publish(messages)) => {
+                            for m in messages {
+                                session.push(m, &self.config.default_exchange);
+                            }
+                        }
+                        Some(Command::Release(keys)) => {
+                            for k in &keys {
+                                session.dispatcher.release_aggregate(k);
+                            }
+                        }
+                        None => feed_open = false,
+                    }
+                    continue;
+                }
                 ev = channel.events.recv() => match ev {
-                    Some(ev) => Some(ev),
+                    Some(ev) => ev,
                     // The channel's dispatcher is gone, and with it the channel.
-                    None if !self.connection.is_open() => Some(Event::ConnectionClosed("connection lost".into())),
-                    None => Some(Event::ChannelClosed { code: 0, text: String::new() }),
+                    None if !self.connection.is_open() => Event::ConnectionClosed("connection lost".into()),
+                    None => Event::ChannelClosed { code: 0, text: String::new() },
                 },
                 ev = self.connection_events.recv() => {
-                    Some(ev.unwrap_or_else(|| Event::ConnectionClosed("connection gone".into())))
+                    ev.unwrap_or_else(|| Event::ConnectionClosed("connection gone".into()))
                 }
-                _ = sleep_until(deadline) => None,
+                _ = sleep_until(deadline), if waiting_for_confirms => {
+                    let reason = format!("no confirm within {:?}", self.config.confirm_timeout);
+                    for seq in session.in_flight.values().copied().collect::<Vec<_>>() {
+                        session.fail(seq, FailureKind::Timeout, reason.clone());
+                    }
+                    session.in_flight.clear();
+                    // Confirms may still come for them: a fresh channel keeps tags unambiguous.
+                    break SessionEnd::ChannelLost(reason);
+                }
                 _ = tokio::time::sleep(TICK) => {
                     if should_stop() {
-                        break 'batch;
+                        break SessionEnd::Stopped;
                     }
                     if !self.connection.is_open() {
-                        report.connection_lost = Some("connection lost".into());
-                        break 'batch;
+                        break SessionEnd::ConnectionLost("connection lost".into());
                     }
                     continue;
                 }
             };
             match event {
-                Some(Event::Ack { tag, multiple }) | Some(Event::Nack { tag, multiple })
-                    if !in_flight.contains_key(&tag) && !multiple =>
-                {
-                    // A late confirm for an earlier batch's message: nothing to do.
-                }
-                Some(Event::Ack { tag, multiple }) => {
+                Event::Ack { tag, multiple } => {
                     deadline = Instant::now() + self.config.confirm_timeout;
-                    for i in settle(&mut in_flight, tag, multiple) {
-                        match returned.remove(&i) {
-                            None => {
-                                dispatcher.confirmed(i);
-                                report.outcomes[i] = Outcome::Confirmed;
-                            }
-                            Some(reason) => {
-                                dispatcher.failed(i);
-                                report.outcomes[i] =
-                                    Outcome::Failed { kind: FailureKind::Unroutable, reason };
-                            }
+                    for seq in settle(&mut session.in_flight, tag, multiple) {
+                        match session.returned.remove(&seq) {
+                            None => session.confirm(seq),
+                            Some(reason) => session.fail(seq, FailureKind::Unroutable, reason),
                         }
                     }
                 }
-                Some(Event::Nack { tag, multiple }) => {
+                Event::Nack { tag, multiple } => {
                     deadline = Instant::now() + self.config.confirm_timeout;
-                    for i in settle(&mut in_flight, tag, multiple) {
-                        dispatcher.failed(i);
-                        report.outcomes[i] = Outcome::Failed {
-                            kind: FailureKind::Nacked,
-                            reason: "the broker nacked the message".into(),
-                        };
+                    for seq in settle(&mut session.in_flight, tag, multiple) {
+                        session.fail(seq, FailureKind::Nacked, "the broker nacked the message".into());
                     }
                 }
-                Some(Event::Returned { message_id, code, text }) => {
-                    if let Some(&i) = message_id.as_ref().and_then(|id| index_of_id.get(id)) {
-                        returned.insert(i, format!("returned by the broker: {code} {text}"));
+                Event::Returned { message_id, code, text } => {
+                    if let Some(&seq) = message_id.as_ref().and_then(|id| session.seq_of_id.get(id)) {
+                        session.returned.insert(seq, format!("returned by the broker: {code} {text}"));
                     }
                 }
-                Some(Event::ChannelClosed { code: 0, .. }) => {
-                    // Gone without a word from the broker: nothing to blame on the messages.
-                    for i in in_flight.values().copied().collect::<Vec<_>>() {
-                        dispatcher.failed(i);
-                    }
-                    in_flight.clear();
-                    channel_closed = true;
-                    break;
+                Event::ChannelClosed { code: 0, .. } => {
+                    break SessionEnd::ChannelLost("channel closed".into())
                 }
-                Some(Event::ChannelClosed { code, text }) => {
+                Event::ChannelClosed { code, text } => {
                     let reason = format!("channel closed by the broker: {code} {text}");
-                    let unsettled: Vec<usize> = in_flight.values().copied().collect();
-                    let culprits = blame(&text, unsettled.iter().map(|&i| (i, &targets[i])));
-                    for i in unsettled {
-                        dispatcher.failed(i);
-                        if culprits.contains(&i) {
-                            report.outcomes[i] =
-                                Outcome::Failed { kind: FailureKind::Refused, reason: reason.clone() };
-                        }
+                    let unsettled: Vec<(u64, Target)> = session
+                        .in_flight
+                        .values()
+                        .filter_map(|seq| session.pending.get(seq).map(|p| (*seq, p.target.clone())))
+                        .collect();
+                    let culprits = blame(&text, unsettled.iter().map(|(seq, t)| (*seq, t)));
+                    for seq in culprits {
+                        session.fail(seq, FailureKind::Refused, reason.clone());
                     }
-                    in_flight.clear();
-                    channel_closed = true;
-                    break;
+                    break SessionEnd::ChannelLost(reason);
                 }
-                Some(Event::ConnectionClosed(reason)) => {
-                    report.connection_lost = Some(reason);
-                    break;
-                }
-                None => {
-                    let reason = format!("no confirm within {:?}", self.config.confirm_timeout);
-                    for i in in_flight.values().copied().collect::<Vec<_>>() {
-                        dispatcher.failed(i);
-                        report.outcomes[i] =
-                            Outcome::Failed { kind: FailureKind::Timeout, reason: reason.clone() };
-                    }
-                    in_flight.clear();
-                    // Confirms may still come for them; a fresh channel keeps tags unambiguous.
-                    self.channel = None;
-                    break;
-                }
+                Event::ConnectionClosed(reason) => break SessionEnd::ConnectionLost(reason),
             }
+        };
+        // Whatever is still unsettled was not (knowingly) published.
+        for seq in session.dispatcher.abandon_all() {
+            session.report(seq, Outcome::NotAttempted);
         }
-        if channel_closed || report.connection_lost.is_some() {
+        if !matches!(end, SessionEnd::Finished | SessionEnd::Stopped) {
             self.channel = None;
         }
-        report
+        end
+    }
+}
+
+/// A command for a publishing session.
+#[derive(Debug)]
+pub enum Command {
+    /// Publish these, after everything fed before.
+    Publish(Vec<OutboxMessage>),
+    /// The failures of these aggregates are on record in the outbox: their later messages may
+    /// be published again.
+    Release(Vec<OrderingKey>),
+}
+
+/// The outcome of one message, by its outbox row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub row_id: i64,
+    pub outcome: Outcome,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The feed was closed and every message settled.
+    Finished,
+    /// `should_stop` said so.
+    Stopped,
+    /// The channel is gone (closed by the broker, or dropped after a confirm timeout); the
+    /// connection may still serve a new session.
+    ChannelLost(String),
+    ConnectionLost(String),
+}
+
+struct Pending {
+    row_id: i64,
+    message_id: String,
+    envelope: Option<Result<Envelope, String>>,
+    body: Vec<u8>,
+    target: Target,
+}
+
+/// The state of one publishing session.
+struct Session<'r> {
+    dispatcher: Dispatcher<OrderingKey>,
+    pending: HashMap<u64, Pending>,
+    /// Delivery tag → sequence number, for unconfirmed messages.
+    in_flight: BTreeMap<u64, u64>,
+    /// Messages the broker returned (their ack follows).
+    returned: HashMap<u64, String>,
+    seq_of_id: HashMap<String, u64>,
+    reports: &'r UnboundedSender<Report>,
+}
+
+impl Session<'_> {
+    fn push(&mut self, m: OutboxMessage, default_exchange: &str) {
+        let envelope = m.envelope(default_exchange).map_err(|e| e.to_string());
+        let target = Target {
+            exchange: envelope.as_ref().map(|e| e.exchange.clone()).unwrap_or_default(),
+            body_len: m.body.len(),
+        };
+        let (seq, slot) = self.dispatcher.push(m.ordering_key());
+        if slot == Slot::Blocked {
+            let _ = self.reports.send(Report { row_id: m.row_id, outcome: Outcome::NotAttempted });
+            return;
+        }
+        self.seq_of_id.insert(m.message_id.clone(), seq);
+        self.pending.insert(
+            seq,
+            Pending {
+                row_id: m.row_id,
+                message_id: m.message_id,
+                envelope: Some(envelope),
+                body: m.body,
+                target,
+            },
+        );
+    }
+
+    fn report(&mut self, seq: u64, outcome: Outcome) {
+        if let Some(p) = self.pending.remove(&seq) {
+            self.seq_of_id.remove(&p.message_id);
+            let _ = self.reports.send(Report { row_id: p.row_id, outcome });
+        }
+    }
+
+    fn confirm(&mut self, seq: u64) {
+        self.dispatcher.confirmed(seq);
+        self.report(seq, Outcome::Confirmed);
+    }
+
+    /// Reports the failure before what it blocks: whoever reads the reports learns that the
+    /// aggregate failed no later than that its followers were held back.
+    fn fail(&mut self, seq: u64, kind: FailureKind, reason: String) {
+        let blocked = self.dispatcher.failed(seq);
+        self.report(seq, Outcome::Failed { kind, reason });
+        for b in blocked {
+            self.report(b, Outcome::NotAttempted);
+        }
     }
 }
 
@@ -484,8 +577,8 @@ impl Drop for Publisher {
     }
 }
 
-/// Removes and returns the batch indexes a confirm covers, in publish order.
-fn settle(in_flight: &mut BTreeMap<u64, usize>, tag: u64, multiple: bool) -> Vec<usize> {
+/// Removes and returns the sequence numbers a confirm covers, in publish order.
+fn settle(in_flight: &mut BTreeMap<u64, u64>, tag: u64, multiple: bool) -> Vec<u64> {
     if multiple {
         let rest = in_flight.split_off(&(tag + 1));
         let covered = std::mem::replace(in_flight, rest);
@@ -493,15 +586,6 @@ fn settle(in_flight: &mut BTreeMap<u64, usize>, tag: u64, multiple: bool) -> Vec
     } else {
         in_flight.remove(&tag).into_iter().collect()
     }
-}
-
-fn drain_close_reason(events: &mut UnboundedReceiver<Event>) -> Option<String> {
-    while let Ok(ev) = events.try_recv() {
-        if let Event::ChannelClosed { code, text } = ev {
-            return Some(format!("channel closed by the broker: {code} {text}"));
-        }
-    }
-    None
 }
 
 /// Where a message goes and how big it is: what a channel close may name.
@@ -517,14 +601,14 @@ struct Target {
 /// too large ("PRECONDITION_FAILED - message size 200 is larger than configured max size
 /// 100"). When the text names nothing that matches, every unconfirmed message is blamed:
 /// each then backs off on its own, so the innocent ones soon go through.
-fn blame<'a>(text: &str, unsettled: impl Iterator<Item = (usize, &'a Target)> + Clone) -> HashSet<usize> {
+fn blame<'a>(text: &str, unsettled: impl Iterator<Item = (u64, &'a Target)> + Clone) -> HashSet<u64> {
     let exchange = quoted_after(text, "exchange '");
     let size = text
         .split("message size ")
         .nth(1)
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|digits| digits.parse::<usize>().ok());
-    let named: HashSet<usize> = unsettled
+    let named: HashSet<u64> = unsettled
         .clone()
         .filter(|(_, t)| exchange.is_some_and(|x| x == t.exchange) || size.is_some_and(|s| s == t.body_len))
         .map(|(i, _)| i)
@@ -554,9 +638,10 @@ mod tests {
         ]
     }
 
-    fn blamed(text: &str) -> Vec<usize> {
+    fn blamed(text: &str) -> Vec<u64> {
         let t = targets();
-        let mut v: Vec<usize> = blame(text, t.iter().enumerate()).into_iter().collect();
+        let mut v: Vec<u64> =
+            blame(text, t.iter().enumerate().map(|(i, t)| (i as u64, t))).into_iter().collect();
         v.sort();
         v
     }
@@ -578,10 +663,10 @@ mod tests {
 
     #[test]
     fn settle_covers_multiple_acks() {
-        let mut m: BTreeMap<u64, usize> = (1..=5).map(|t| (t, t as usize * 10)).collect();
+        let mut m: BTreeMap<u64, u64> = (1..=5).map(|t| (t, t * 10)).collect();
         assert_eq!(settle(&mut m, 2, false), vec![20]);
         assert_eq!(settle(&mut m, 4, true), vec![10, 30, 40]);
-        assert_eq!(settle(&mut m, 9, false), Vec::<usize>::new());
+        assert_eq!(settle(&mut m, 9, false), Vec::<u64>::new());
         assert_eq!(m.len(), 1);
     }
 }

@@ -179,10 +179,17 @@ impl Broker {
     /// Declares a durable queue bound to `exchange`, without consuming from it: messages wait
     /// there (across broker restarts) until [`Broker::consume_queue`].
     pub fn queue(&self, exchange: &str, binding: &str) -> String {
+        self.declare_queue(exchange, binding, FieldTable::new())
+    }
+
+    /// [`Broker::queue`] with queue arguments (`x-max-length`, ...).
+    pub fn declare_queue(&self, exchange: &str, binding: &str, arguments: FieldTable) -> String {
         let queue = unique("q");
         self.rt.block_on(async {
             let ch = self.connection.open_channel(None).await.unwrap();
-            ch.queue_declare(QueueDeclareArguments::new(&queue).durable(true).finish()).await.unwrap();
+            ch.queue_declare(QueueDeclareArguments::new(&queue).durable(true).arguments(arguments).finish())
+                .await
+                .unwrap();
             ch.queue_bind(QueueBindArguments::new(&queue, exchange, binding)).await.unwrap();
             let _ = ch.close().await;
         });

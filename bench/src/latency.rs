@@ -1,0 +1,186 @@
+//! Commit-to-consumer latency: events committed by several clients at a steady 1,000 per
+//! second, and single events at idle, each with two poll intervals (the latency must not
+//! depend on it: commits wake the worker). Baseline: a raw publisher's publish-to-consume
+//! time for one message with a confirm, the broker's own floor.
+
+use crate::relay::BROKER_URL;
+use crate::{progress, Row};
+use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::BasicProperties;
+use pg_outbox_tests::{unique, Broker, Cluster};
+use postgres::{Client, NoTls};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+pub struct Percentiles {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    pub count: usize,
+}
+
+fn percentiles(mut v: Vec<Duration>) -> Percentiles {
+    v.sort();
+    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    Percentiles { p50: at(0.5), p99: at(0.99), max: at(1.0), count: v.len() }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Publish-to-consume time of single messages published by a bare client (with a confirm).
+fn raw_single(broker: &Broker, exchange: &str, samples: usize) -> Percentiles {
+    let consumer = broker.consume(exchange, "Raw");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let sent: Vec<Instant> = rt.block_on(async {
+        let connection = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
+            .await
+            .unwrap();
+        let channel = connection.open_channel(None).await.unwrap();
+        channel.confirm_select(ConfirmSelectArguments::new(false)).await.unwrap();
+        let mut sent = Vec::new();
+        for n in 0..samples {
+            let mut props = BasicProperties::default();
+            props.with_message_id(&n.to_string()).with_delivery_mode(2);
+            sent.push(Instant::now());
+            channel
+                .basic_publish(props.finish(), b"{}".to_vec(), BasicPublishArguments::new(exchange, "Raw"))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        channel.close().await.ok();
+        connection.close().await.ok();
+        sent
+    });
+    let got = consumer.wait_for(samples, Duration::from_secs(30));
+    let by_id: HashMap<String, Instant> =
+        got.iter().map(|d| (d.message_id.clone().unwrap(), d.received_at)).collect();
+    percentiles(
+        sent.iter().enumerate().map(|(n, t)| by_id[&n.to_string()].saturating_duration_since(*t)).collect(),
+    )
+}
+
+fn publish(db: &mut Client, exchange: &str, aggregate: &str) -> Uuid {
+    db.query_one(
+        "SELECT outbox.publish('FundsTransferEvent', '{\"amount\": 100, \"from\": \"123\", \"to\": \"456\"}',
+                               aggregate_type => 'account', aggregate_id => $1, exchange => $2)",
+        &[&aggregate, &exchange],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// `clients` clients each committing `per_second / clients` events per second for `seconds`,
+/// one event per transaction; latency from COMMIT returning to the consumer receiving it.
+fn steady(cluster: &Cluster, broker: &Broker, per_second: u64, clients: u64, seconds: u64) -> Percentiles {
+    let exchange = unique("bench.latency");
+    broker.exchange(&exchange);
+    let consumer = broker.consume(&exchange, "#");
+    let interval = Duration::from_secs_f64(clients as f64 / per_second as f64);
+    let started = Instant::now() + Duration::from_millis(200);
+    let writers: Vec<_> = (0..clients)
+        .map(|c| {
+            let conninfo = format!("host=127.0.0.1 port={} user=postgres dbname=app", cluster.port);
+            let exchange = exchange.clone();
+            std::thread::spawn(move || {
+                let mut db = Client::connect(&conninfo, NoTls).unwrap();
+                let mut committed = Vec::new();
+                let mut next = started + interval.mul_f64(c as f64 / clients as f64);
+                let end = started + Duration::from_secs(seconds);
+                let mut n = 0u64;
+                while next < end {
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let id = publish(&mut db, &exchange, &format!("{c}-{}", n % 50));
+                    committed.push((id.to_string(), Instant::now()));
+                    n += 1;
+                    next += interval;
+                }
+                committed
+            })
+        })
+        .collect();
+    let committed: Vec<(String, Instant)> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let got = consumer.wait_for(committed.len(), Duration::from_secs(60));
+    let received: HashMap<String, Instant> =
+        got.iter().map(|d| (d.message_id.clone().unwrap(), d.received_at)).collect();
+    let latencies = committed.iter().map(|(id, at)| received[id].saturating_duration_since(*at)).collect();
+    broker.delete_queue(&consumer.queue);
+    broker.delete_exchange(&exchange);
+    percentiles(latencies)
+}
+
+/// Single events at idle, one at a time.
+fn idle(cluster: &Cluster, broker: &Broker, samples: usize) -> Percentiles {
+    let exchange = unique("bench.idle");
+    broker.exchange(&exchange);
+    let consumer = broker.consume(&exchange, "#");
+    let mut db = cluster.client();
+    let mut latencies = Vec::new();
+    for n in 0..samples {
+        std::thread::sleep(Duration::from_millis(100));
+        publish(&mut db, &exchange, "idle");
+        let committed = Instant::now();
+        let got = consumer.wait_for(n + 1, Duration::from_secs(30));
+        latencies.push(got[n].received_at.saturating_duration_since(committed));
+    }
+    broker.delete_queue(&consumer.queue);
+    broker.delete_exchange(&exchange);
+    percentiles(latencies)
+}
+
+pub fn latency(seconds: u64) -> Vec<Row> {
+    let broker = Broker::connect();
+    let exchange = unique("bench.raw");
+    broker.exchange(&exchange);
+    progress("raw publish-to-consume time of single messages");
+    let raw = raw_single(&broker, &exchange, 200);
+    broker.delete_exchange(&exchange);
+    progress(&format!("  p50 {} p99 {}", ms(raw.p50), ms(raw.p99)));
+
+    let mut rows = Vec::new();
+    for poll in ["1s", "60s"] {
+        let cluster = Cluster::start(&[
+            ("outbox.poll_interval", &format!("'{poll}'")),
+            ("outbox.amqp_url", BROKER_URL),
+        ]);
+        cluster.wait_for_worker();
+        std::thread::sleep(Duration::from_secs(1));
+        progress(&format!("latency at 1000 events/s from 4 clients for {seconds} s, poll interval {poll}"));
+        let load = steady(&cluster, &broker, 1000, 4, seconds);
+        progress(&format!(
+            "  {} events: p50 {} p99 {} max {}",
+            load.count,
+            ms(load.p50),
+            ms(load.p99),
+            ms(load.max)
+        ));
+        progress(&format!("single events at idle, poll interval {poll}"));
+        let single = idle(&cluster, &broker, 50);
+        progress(&format!("  p50 {} p99 {}", ms(single.p50), ms(single.p99)));
+        rows.push(Row {
+            figure: format!(
+                "latency, commit to consumer, 1,000 events/s from 4 clients (poll interval {poll})"
+            ),
+            value: format!("p50 {} · p99 {} · max {}", ms(load.p50), ms(load.p99), ms(load.max)),
+            baseline: format!("raw publish→consume p50 {} · p99 {}", ms(raw.p50), ms(raw.p99)),
+            ratio: None,
+            target: "p50 ≤ 2 ms, p99 ≤ 10 ms".into(),
+            met: Some(load.p50 <= Duration::from_millis(2) && load.p99 <= Duration::from_millis(10)),
+        });
+        rows.push(Row {
+            figure: format!("latency, single event at idle (poll interval {poll})"),
+            value: format!("p50 {} · p99 {}", ms(single.p50), ms(single.p99)),
+            baseline: format!("raw p50 {}", ms(raw.p50)),
+            ratio: None,
+            target: "reported".into(),
+            met: None,
+        });
+    }
+    rows
+}
