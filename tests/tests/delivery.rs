@@ -474,3 +474,36 @@ fn a_bulk_transaction_still_serializes_writers_of_its_aggregates() {
     }
     broker.delete_exchange(&exchange);
 }
+
+#[test]
+fn an_event_committed_late_with_a_low_row_id_is_not_skipped() {
+    // A long transaction takes a row id, then thousands of later events are published and
+    // deleted (the worker's floor moves up behind them); then the long transaction commits.
+    // Its event must still be found, long before the worker's periodic full rescan (60 s).
+    let cluster = Cluster::start(&[]);
+    let broker = Broker::connect();
+    let exchange = unique("ex");
+    broker.exchange(&exchange);
+    let consumer = broker.consume(&exchange, "#");
+    cluster.wait_for_worker();
+    let mut long = cluster.client();
+    long.batch_execute("BEGIN").unwrap();
+    let late = publish(&mut long, "Late", "{}", &exchange);
+    let mut db = cluster.client();
+    for _ in 0..5 {
+        db.execute(
+            "SELECT outbox.publish('Early', jsonb_build_object('n', n), exchange => $1) FROM generate_series(1, 1000) n",
+            &[&exchange],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    consumer.wait_for(5000, WITHIN);
+    std::thread::sleep(Duration::from_secs(1));
+    let committed_at = Instant::now();
+    long.batch_execute("COMMIT").unwrap();
+    let got = consumer.wait_for(5001, Duration::from_secs(20));
+    assert_eq!(got[5000].message_id.as_deref(), Some(late.to_string().as_str()));
+    println!("late event published {:?} after its commit", got[5000].received_at - committed_at);
+    broker.delete_exchange(&exchange);
+}
