@@ -29,10 +29,9 @@ COMMENT ON TABLE outbox.messages IS
     'pg_outbox: events awaiting publication (write with outbox.publish or CALL outbox.process_transaction)';
 
 -- Only rows waiting for a retry are indexed here: empty in normal operation, so inserts of
--- new events (next_attempt_at NULL) never touch them.
-CREATE INDEX messages_retry_due_idx ON outbox.messages (next_attempt_at)
-    WHERE next_attempt_at IS NOT NULL;
-CREATE INDEX messages_retry_aggregate_idx ON outbox.messages (aggregate_id, aggregate_type, id)
+-- new events (next_attempt_at NULL) never add to it. It answers "is an earlier event of this
+-- aggregate waiting?" and, read whole, "when is the next retry due?".
+CREATE INDEX messages_retrying_idx ON outbox.messages (aggregate_id, aggregate_type, id)
     WHERE next_attempt_at IS NOT NULL;
 
 -- Events that failed outbox.max_attempts times (or can never be published), with their full

@@ -76,7 +76,7 @@ pub unsafe extern "C-unwind" fn outbox_publish(fcinfo: pg_sys::FunctionCallInfo)
     // it: every transaction holding an id is visible in snapshots from then on.
     pg_sys::GetTopTransactionId();
 
-    let message_id = pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes());
+    let message_id = pgrx::Uuid::from_bytes(new_message_id());
     let jsonb = |d: Option<pg_sys::Datum>| match d {
         Some(d) => DatumWithOid::new(d, pg_sys::JSONBOID),
         None => DatumWithOid::null_oid(pg_sys::JSONBOID),
@@ -124,6 +124,17 @@ pub unsafe extern "C-unwind" fn outbox_lock_aggregate(fcinfo: pg_sys::FunctionCa
         lock_aggregate(aggregate_lock_key(aggregate_type, id));
     }
     pg_sys::Datum::from(0)
+}
+
+/// A UUIDv7 (time-ordered) from a per-process CSPRNG seeded once by the OS, so that writing
+/// an event costs no system call.
+fn new_message_id() -> [u8; 16] {
+    use rand::RngCore;
+    let millis =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let mut random = [0u8; 10];
+    rand::thread_rng().fill_bytes(&mut random);
+    *uuid::Builder::from_unix_timestamp_millis(millis as u64, &random).into_uuid().as_bytes()
 }
 
 fn jsonb_text(datum: pg_sys::Datum) -> &'static CStr {

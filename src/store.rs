@@ -11,7 +11,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use std::cell::RefCell;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The schema version this library's SQL expects (`pg_extension.extversion`).
 pub const SCHEMA_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -130,19 +130,46 @@ fn run<'conn, T>(
     })
 }
 
+thread_local! {
+    /// What `EXTENSION_STATE` said, for which extension oid, and when.
+    static EXTENSION: RefCell<Option<(pg_sys::Oid, Option<String>, Option<i64>, Instant)>> = const { RefCell::new(None) };
+}
+
+/// How long what `EXTENSION_STATE` said is trusted while the extension's oid stays the same
+/// (an `ALTER EXTENSION UPDATE` keeps the oid).
+const EXTENSION_RECHECK: Duration = Duration::from_secs(5);
+
 /// Checks the extension and, when it is there, takes the table lock the batch needs without
-/// waiting for it.
+/// waiting for it. Cheap on the common path: one catalog index lookup, the lock, a cache probe.
 pub fn schema() -> SpiResult<Schema> {
-    let (version, relid) = Spi::connect_mut(|c| {
-        run(c, EXTENSION_STATE, &[], |t| {
-            if t.is_empty() {
-                Ok((None, None))
-            } else {
-                let row = t.first();
-                Ok((row.get::<String>(1)?, row.get::<i64>(2)?))
-            }
-        })
-    })?;
+    let oid = unsafe { pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        EXTENSION.with(|e| *e.borrow_mut() = None);
+        return Ok(Schema::Missing);
+    }
+    let cached = EXTENSION.with(|e| {
+        e.borrow()
+            .as_ref()
+            .filter(|(o, _, _, at)| *o == oid && at.elapsed() < EXTENSION_RECHECK)
+            .map(|(_, v, r, _)| (v.clone(), *r))
+    });
+    let (version, relid) = match cached {
+        Some(state) => state,
+        None => {
+            let state = Spi::connect_mut(|c| {
+                run(c, EXTENSION_STATE, &[], |t| {
+                    if t.is_empty() {
+                        Ok((None, None))
+                    } else {
+                        let row = t.first();
+                        Ok((row.get::<String>(1)?, row.get::<i64>(2)?))
+                    }
+                })
+            })?;
+            EXTENSION.with(|e| *e.borrow_mut() = Some((oid, state.0.clone(), state.1, Instant::now())));
+            state
+        }
+    };
     let (Some(version), Some(relid)) = (version, relid) else {
         return Ok(Schema::Missing);
     };
@@ -154,7 +181,7 @@ pub fn schema() -> SpiResult<Schema> {
         if !pg_sys::ConditionalLockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) {
             return Ok(Schema::Busy);
         }
-        // The table may have been dropped while we waited for nothing: look again under lock.
+        // The table may have been dropped meanwhile: look again under lock.
         let exists = pg_sys::SearchSysCacheExists(
             pg_sys::SysCacheIdentifier::RELOID as i32,
             relid.into(),
@@ -162,6 +189,9 @@ pub fn schema() -> SpiResult<Schema> {
             0.into(),
             0.into(),
         );
+        if !exists {
+            EXTENSION.with(|e| *e.borrow_mut() = None);
+        }
         Ok(if exists { Schema::Ready } else { Schema::Missing })
     }
 }

@@ -42,6 +42,11 @@ const RECONNECT_BACKOFF_BASE: Duration = Duration::from_millis(250);
 const DATABASE_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait for outcomes before looking around again (latch, settings, stop).
 const OUTCOME_WAIT: Duration = Duration::from_millis(100);
+/// Shortest time between two rounds when the last one had little to do (one commit, say):
+/// bounds the worker's work under a high commit rate, at the price of this much latency.
+const MIN_ROUND_SPACING: Duration = Duration::from_micros(500);
+/// A round that handled fewer rows than this is light.
+const LIGHT_ROUND_ROWS: usize = 16;
 /// Longest wait for more outcomes once one has arrived.
 const COALESCE: Duration = Duration::from_millis(5);
 /// How often the floor may move (a few tiny queries each time).
@@ -157,6 +162,8 @@ struct Relay<'rt> {
     floor_checked: Instant,
     floor_reset: Instant,
     truncate_checked: Instant,
+    /// The last round handled few rows: pace the next one.
+    last_round_light: bool,
     db_state: DbState,
     broker_state: BrokerState,
     /// Errors already logged since the last batch without failures.
@@ -182,6 +189,7 @@ impl<'rt> Relay<'rt> {
             floor_checked: now,
             floor_reset: now,
             truncate_checked: now,
+            last_round_light: false,
             db_state: DbState::Ready,
             broker_state: BrokerState::Unknown,
             failures_logged: HashSet::new(),
@@ -196,6 +204,7 @@ impl<'rt> Relay<'rt> {
             Err(e) => warning!("pg_outbox worker could not configure its session: {e}"),
         }
         self.reload();
+        let mut last_cycle = Instant::now();
         loop {
             if signals::stop_requested() {
                 break;
@@ -204,16 +213,31 @@ impl<'rt> Relay<'rt> {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 self.reload();
             }
+            // Commits wake the worker one by one; a busy server must not cost one round per
+            // commit. After a light round, the next starts no sooner than `MIN_ROUND_SPACING`.
+            if self.last_round_light {
+                let since = last_cycle.elapsed();
+                if since < MIN_ROUND_SPACING && !signals::wait(MIN_ROUND_SPACING - since) {
+                    break;
+                }
+            }
+            last_cycle = Instant::now();
             let pause = self.cycle();
             if pause.is_zero() {
                 continue;
             }
-            if self.in_flight.is_empty() {
-                if !signals::wait(pause) {
-                    break;
-                }
-            } else {
+            if !self.in_flight.is_empty() {
                 self.wait_for_outcomes(pause.min(OUTCOME_WAIT));
+            } else if !matches!(self.link, Link::Running(_)) {
+                // No broker: commits have nothing to wake us for until the next attempt.
+                let until = Instant::now() + pause;
+                while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+                    if !signals::wait(left) || signals::reload_pending() {
+                        break;
+                    }
+                }
+            } else if !signals::wait(pause) {
+                break;
             }
         }
     }
@@ -354,6 +378,7 @@ impl<'rt> Relay<'rt> {
                 self.set_db_state(DbState::Ready);
                 self.note_recorded(&failures, published.len());
                 let fetched = rows.len();
+                self.last_round_light = fetched + published.len() + failures.len() < LIGHT_ROUND_ROWS;
                 self.hand_over(rows, failed_keys);
                 if fetched > 0 && fetched == limit {
                     return Duration::ZERO;

@@ -52,14 +52,27 @@ fn table(rows: &[Row]) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick { relay::Sizes::quick() } else { relay::Sizes::full() };
+    // `--only relay,latency,write,naive` runs some parts.
+    let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let run = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p == part));
     let (seconds, write_seconds) = if quick { (5, 5) } else { (20, 20) };
     let started = std::time::Instant::now();
     let mut rows = Vec::new();
-    let (relay_rows, relay_rate) = relay::throughput(&sizes);
-    rows.extend(relay_rows);
-    rows.extend(latency::latency(seconds));
-    rows.extend(write::write_overhead(write_seconds));
-    rows.extend(naive::naive(relay_rate, if quick { 5 } else { 15 }));
+    let mut relay_rate = None;
+    if run("relay") {
+        let (relay_rows, rate) = relay::throughput(&sizes);
+        rows.extend(relay_rows);
+        relay_rate = Some(rate);
+    }
+    if run("latency") {
+        rows.extend(latency::latency(seconds));
+    }
+    if run("write") {
+        rows.extend(write::write_overhead(write_seconds));
+    }
+    if run("naive") {
+        rows.extend(naive::naive(relay_rate, if quick { 5 } else { 15 }));
+    }
     progress(&format!("done in {:.0?}", started.elapsed()));
     println!("\n{}", table(&rows));
 }

@@ -26,13 +26,17 @@ fn is_root() -> bool {
 /// Runs a Postgres binary, as `postgres` when we are root.
 fn pg_command(bin: &str) -> Command {
     let path = format!("{PG_BIN}/{bin}");
-    if is_root() {
+    let mut c = if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", &path]);
         c
     } else {
         Command::new(path)
-    }
+    };
+    // A server started from `cargo test` would inherit it, and pgrx then adds a Rust
+    // backtrace to the detail of every error that passes through the extension.
+    c.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+    c
 }
 
 fn run(mut c: Command) -> Output {
