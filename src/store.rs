@@ -67,9 +67,6 @@ SELECT message_id, event_type, payload, aggregate_type, aggregate_id, headers, r
 /// The last row id handed out (a transaction may still hold it uncommitted).
 const LAST_ID: &str =
     "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM outbox.messages_id_seq";
-/// This transaction's id: larger than that of every transaction that took one before. (Not a
-/// snapshot's xmax, which only bounds the transactions that have *ended*.)
-const OWN_XID: &str = "SELECT pg_current_xact_id()::text::int8";
 /// Every transaction below a snapshot's xmin has ended.
 const SNAPSHOT_XMIN: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8";
 const LOWEST_ROW_UP_TO: &str = "SELECT min(id) FROM outbox.messages WHERE id > $1 AND id <= $2";
@@ -130,9 +127,16 @@ fn run<'conn, T>(
     })
 }
 
+/// What `EXTENSION_STATE` said (version, table oid), for which extension oid, and when.
+struct ExtensionState {
+    oid: pg_sys::Oid,
+    version: Option<String>,
+    relid: Option<i64>,
+    read_at: Instant,
+}
+
 thread_local! {
-    /// What `EXTENSION_STATE` said, for which extension oid, and when.
-    static EXTENSION: RefCell<Option<(pg_sys::Oid, Option<String>, Option<i64>, Instant)>> = const { RefCell::new(None) };
+    static EXTENSION: RefCell<Option<ExtensionState>> = const { RefCell::new(None) };
 }
 
 /// How long what `EXTENSION_STATE` said is trusted while the extension's oid stays the same
@@ -150,8 +154,8 @@ pub fn schema() -> SpiResult<Schema> {
     let cached = EXTENSION.with(|e| {
         e.borrow()
             .as_ref()
-            .filter(|(o, _, _, at)| *o == oid && at.elapsed() < EXTENSION_RECHECK)
-            .map(|(_, v, r, _)| (v.clone(), *r))
+            .filter(|s| s.oid == oid && s.read_at.elapsed() < EXTENSION_RECHECK)
+            .map(|s| (s.version.clone(), s.relid))
     });
     let (version, relid) = match cached {
         Some(state) => state,
@@ -166,7 +170,14 @@ pub fn schema() -> SpiResult<Schema> {
                     }
                 })
             })?;
-            EXTENSION.with(|e| *e.borrow_mut() = Some((oid, state.0.clone(), state.1, Instant::now())));
+            EXTENSION.with(|e| {
+                *e.borrow_mut() = Some(ExtensionState {
+                    oid,
+                    version: state.0.clone(),
+                    relid: state.1,
+                    read_at: Instant::now(),
+                })
+            });
             state
         }
     };
@@ -269,15 +280,18 @@ pub fn record_failures(failures: &[Failure]) -> SpiResult<()> {
     })
 }
 
-/// A point from which the floor may later advance: (last row id handed out, a transaction id
-/// taken after it). Once every transaction below that id has ended, no row at or below that
-/// row id can still appear: `outbox.publish` assigns the transaction id before the row id.
+/// A point from which the floor may later advance: (last row id handed out, the next
+/// transaction id to be assigned, read after it). Once every transaction below that id has
+/// ended, no row at or below that row id can still appear: `outbox.publish` assigns the
+/// transaction id before the row id. (Neither a snapshot's xmax, which only bounds the
+/// transactions that have *ended*, nor this transaction's own id, which it may have taken
+/// before the sequence was read, would do.)
 pub fn floor_candidate() -> SpiResult<(i64, i64)> {
     Spi::connect_mut(|c| {
         let last_id = run(c, LAST_ID, &[], |t| t.first().get::<i64>(1))?.unwrap_or(0);
-        // Taken after the sequence was read, so above every writer that holds one of its ids.
-        let xid = run(c, OWN_XID, &[], |t| t.first().get::<i64>(1))?.unwrap_or(i64::MAX);
-        Ok((last_id, xid))
+        // Read after the sequence, so above every writer that holds one of its ids.
+        let next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
+        Ok((last_id, next_xid))
     })
 }
 

@@ -38,6 +38,17 @@ fn message(row_id: i64, aggregate: Option<&str>, routing_key: &str) -> OutboxMes
     }
 }
 
+/// A runtime and a publisher whose default exchange is `exchange`.
+fn publisher_for(exchange: &str) -> (Runtime, Publisher) {
+    publisher_with(config(exchange))
+}
+
+fn publisher_with(config: PublisherConfig) -> (Runtime, Publisher) {
+    let rt = Runtime::new().unwrap();
+    let publisher = rt.block_on(Publisher::connect(config)).unwrap();
+    (rt, publisher)
+}
+
 fn never_stop() -> bool {
     false
 }
@@ -52,11 +63,9 @@ fn failed(o: &Outcome) -> Option<FailureKind> {
 #[test]
 fn a_confirmed_batch_arrives_in_order_per_aggregate() {
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
-    let rt = Runtime::new().unwrap();
-    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let (rt, mut publisher) = publisher_for(&exchange);
     let aggregates = ["a", "b", "c"];
     let batch: Vec<OutboxMessage> =
         (1..=300).map(|i| message(i, (i % 4 != 0).then(|| aggregates[i as usize % 3]), "k")).collect();
@@ -79,11 +88,9 @@ fn a_confirmed_batch_arrives_in_order_per_aggregate() {
 #[test]
 fn unroutable_messages_fail_only_with_mandatory() {
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "routed");
-    let rt = Runtime::new().unwrap();
-    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let (rt, mut publisher) = publisher_for(&exchange);
     let batch = vec![message(1, None, "routed"), message(2, None, "nowhere"), message(3, None, "routed")];
     let report = rt.block_on(publisher.publish_batch(batch.clone(), &never_stop));
     assert_eq!(report.outcomes[0], Outcome::Confirmed);
@@ -100,11 +107,9 @@ fn unroutable_messages_fail_only_with_mandatory() {
 #[test]
 fn a_missing_exchange_fails_its_messages_and_the_next_batch_goes_through() {
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
-    let rt = Runtime::new().unwrap();
-    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let (rt, mut publisher) = publisher_for(&exchange);
     let mut bad = message(2, Some("x"), "k");
     bad.exchange = Some(unique("missing"));
     let batch = vec![message(1, None, "k"), bad, message(3, Some("x"), "k")];
@@ -124,16 +129,14 @@ fn a_missing_exchange_fails_its_messages_and_the_next_batch_goes_through() {
 #[test]
 fn nacked_messages_fail_and_hold_back_their_aggregate() {
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     // A queue that takes one message and rejects the rest: the broker nacks them.
     let mut args = FieldTable::new();
     args.insert("x-max-length".try_into().unwrap(), FieldValue::l(1));
     args.insert("x-overflow".try_into().unwrap(), FieldValue::S("reject-publish".try_into().unwrap()));
     let full = broker.consume_with(&exchange, "full", args);
     drop(full); // stop consuming; the queue stays and fills up
-    let rt = Runtime::new().unwrap();
-    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let (rt, mut publisher) = publisher_for(&exchange);
     let batch =
         vec![message(1, Some("a"), "full"), message(2, Some("a"), "full"), message(3, Some("a"), "full")];
     let report = rt.block_on(publisher.publish_batch(batch, &never_stop));
@@ -145,10 +148,8 @@ fn nacked_messages_fail_and_hold_back_their_aggregate() {
 #[test]
 fn invalid_rows_fail_without_reaching_the_broker() {
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
-    let rt = Runtime::new().unwrap();
-    let mut publisher = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+    let exchange = broker.own_exchange();
+    let (rt, mut publisher) = publisher_for(&exchange);
     let mut bad = message(1, Some("a"), "k");
     bad.headers = Some("[\"not an object\"]".into());
     let report = rt.block_on(publisher.publish_batch(vec![bad, message(2, Some("a"), "k")], &never_stop));
@@ -159,8 +160,7 @@ fn invalid_rows_fail_without_reaching_the_broker() {
 #[test]
 fn a_hung_broker_times_out_and_a_cut_connection_is_reported() {
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let proxy = Proxy::start(5672);
     let rt = Runtime::new().unwrap();
     let url = BrokerUrl::parse(&format!("amqp://guest:guest@127.0.0.1:{}/%2F", proxy.port)).unwrap();

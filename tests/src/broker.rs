@@ -163,17 +163,32 @@ impl Broker {
         Broker { rt, connection }
     }
 
-    /// Declares a durable topic exchange (it survives broker restarts; tests delete it).
-    pub fn exchange(&self, name: &str) {
+    /// Runs `f` on a channel of its own, closed afterwards.
+    fn on_channel<T>(&self, f: impl AsyncFnOnce(&Channel) -> T) -> T {
         self.rt.block_on(async {
             let ch = self.connection.open_channel(None).await.unwrap();
+            let result = f(&ch).await;
+            let _ = ch.close().await;
+            result
+        })
+    }
+
+    /// Declares a durable topic exchange (it survives broker restarts; tests delete it).
+    pub fn exchange(&self, name: &str) {
+        self.on_channel(async |ch| {
             ch.exchange_declare(
                 ExchangeDeclareArguments::of_type(name, ExchangeType::Topic).durable(true).finish(),
             )
             .await
             .unwrap();
-            let _ = ch.close().await;
         });
+    }
+
+    /// A durable topic exchange with a name of the test's own, deleted when dropped.
+    pub fn own_exchange(&self) -> OwnExchange<'_> {
+        let name = unique("ex");
+        self.exchange(&name);
+        OwnExchange { name, broker: self }
     }
 
     /// Declares a durable queue bound to `exchange`, without consuming from it: messages wait
@@ -185,22 +200,18 @@ impl Broker {
     /// [`Broker::queue`] with queue arguments (`x-max-length`, ...).
     pub fn declare_queue(&self, exchange: &str, binding: &str, arguments: FieldTable) -> String {
         let queue = unique("q");
-        self.rt.block_on(async {
-            let ch = self.connection.open_channel(None).await.unwrap();
+        self.on_channel(async |ch| {
             ch.queue_declare(QueueDeclareArguments::new(&queue).durable(true).arguments(arguments).finish())
                 .await
                 .unwrap();
             ch.queue_bind(QueueBindArguments::new(&queue, exchange, binding)).await.unwrap();
-            let _ = ch.close().await;
         });
         queue
     }
 
     pub fn delete_exchange(&self, name: &str) {
-        self.rt.block_on(async {
-            let ch = self.connection.open_channel(None).await.unwrap();
+        self.on_channel(async |ch| {
             let _ = ch.exchange_delete(ExchangeDeleteArguments::new(name)).await;
-            let _ = ch.close().await;
         });
     }
 
@@ -211,15 +222,7 @@ impl Broker {
     }
 
     pub fn consume_with(&self, exchange: &str, binding: &str, arguments: FieldTable) -> Consumer {
-        let queue = unique("q");
-        self.rt.block_on(async {
-            let ch = self.connection.open_channel(None).await.unwrap();
-            ch.queue_declare(QueueDeclareArguments::new(&queue).durable(true).arguments(arguments).finish())
-                .await
-                .unwrap();
-            ch.queue_bind(QueueBindArguments::new(&queue, exchange, binding)).await.unwrap();
-            let _ = ch.close().await;
-        });
+        let queue = self.declare_queue(exchange, binding, arguments);
         self.consume_queue(&queue, exchange)
     }
 
@@ -267,11 +270,28 @@ impl Broker {
     }
 
     pub fn delete_queue(&self, queue: &str) {
-        self.rt.block_on(async {
-            let ch = self.connection.open_channel(None).await.unwrap();
+        self.on_channel(async |ch| {
             let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
-            let _ = ch.close().await;
         });
+    }
+}
+
+/// See [`Broker::own_exchange`]. Dereferences to its name.
+pub struct OwnExchange<'b> {
+    pub name: String,
+    broker: &'b Broker,
+}
+
+impl std::ops::Deref for OwnExchange<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for OwnExchange<'_> {
+    fn drop(&mut self) {
+        self.broker.delete_exchange(&self.name);
     }
 }
 

@@ -50,6 +50,23 @@ fn run(mut c: Command) -> Output {
     out
 }
 
+/// A free port and an empty directory for a cluster on it, owned by the server's user. The
+/// directory name ends with our pid, so that a later run can tell leftovers from live ones.
+fn new_dir() -> (u16, PathBuf) {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("pg_outbox_test_{port}_{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        run({
+            let mut c = Command::new("chown");
+            c.args(["postgres:postgres", dir.to_str().unwrap()]);
+            c
+        });
+    }
+    (port, dir)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -88,17 +105,7 @@ impl Cluster {
 
     /// initdb and configure, without starting.
     pub fn init(settings: &[(&str, &str)]) -> Cluster {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("pg_outbox_test_{port}_{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            run({
-                let mut c = Command::new("chown");
-                c.args(["postgres:postgres", dir.to_str().unwrap()]);
-                c
-            });
-        }
+        let (port, dir) = new_dir();
         let data = dir.join("data");
         run({
             let mut c = pg_command("initdb");
@@ -132,17 +139,7 @@ impl Cluster {
 
     /// A hot standby of `primary`, made with pg_basebackup, with `settings` of its own.
     pub fn standby_of(primary: &Cluster, settings: &[(&str, &str)]) -> Cluster {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("pg_outbox_test_{port}_{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            run({
-                let mut c = Command::new("chown");
-                c.args(["postgres:postgres", dir.to_str().unwrap()]);
-                c
-            });
-        }
+        let (port, dir) = new_dir();
         let data = dir.join("data");
         run({
             let mut c = pg_command("pg_basebackup");

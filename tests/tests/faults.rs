@@ -184,8 +184,7 @@ fn two_phase_commit() {
     // A poll interval of an hour: only the COMMIT PREPARED wake-up can publish in time.
     let cluster = Cluster::start(&[("outbox.poll_interval", "'1h'")]);
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
     cluster.wait_for_worker();
 
@@ -194,19 +193,20 @@ fn two_phase_commit() {
     let committed: uuid::Uuid = a
         .query_one(
             "SELECT outbox.publish('Prepared', '{}', aggregate_id => 'x', exchange => $1)",
-            &[&exchange],
+            &[&exchange.name],
         )
         .unwrap()
         .get(0);
     a.batch_execute("PREPARE TRANSACTION 'outbox_p1'").unwrap();
     let mut b = cluster.client();
     b.batch_execute("BEGIN").unwrap();
-    b.query_one("SELECT outbox.publish('RolledBackPrepared', '{}', exchange => $1)", &[&exchange]).unwrap();
+    b.query_one("SELECT outbox.publish('RolledBackPrepared', '{}', exchange => $1)", &[&exchange.name])
+        .unwrap();
     b.batch_execute("PREPARE TRANSACTION 'outbox_p2'").unwrap();
 
     // A writer of the same aggregate waits for the prepared transaction.
     let port = cluster.port;
-    let exchange2 = exchange.clone();
+    let exchange2 = exchange.name.clone();
     let follower = std::thread::spawn(move || {
         let mut c = postgres::Client::connect(
             &format!("host=127.0.0.1 port={port} user=postgres dbname=app"),
@@ -234,7 +234,6 @@ fn two_phase_commit() {
     assert_eq!(ids, vec![committed.to_string(), after.to_string()], "commit order within the aggregate");
     cluster.wait_drained(WITHIN);
     consumer.expect_no_more(2, Duration::from_secs(2));
-    broker.delete_exchange(&exchange);
 }
 
 #[test]
@@ -242,8 +241,7 @@ fn extension_dropped_and_created_while_the_worker_runs() {
     let _alone = exclusive();
     let cluster = Cluster::start(&[]);
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
     cluster.wait_for_worker();
     publish_many(&cluster, &exchange, 10);
@@ -264,7 +262,6 @@ fn extension_dropped_and_created_while_the_worker_runs() {
     assert_eq!(cluster.log_count("waiting for CREATE EXTENSION"), 1, "{}", cluster.log());
     assert!(cluster.log_count("database step failed") <= 1, "{}", cluster.log());
     assert_eq!(cluster.log_count("terminated by signal"), 0);
-    broker.delete_exchange(&exchange);
 }
 
 #[test]
@@ -278,15 +275,13 @@ fn database_created_after_the_server_started() {
     assert_eq!(cluster.worker_pid_in("postgres"), None);
 
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
     cluster.admin().batch_execute("CREATE DATABASE app").unwrap();
     cluster.client().batch_execute("CREATE EXTENSION pg_outbox").unwrap();
     let ids = publish_many(&cluster, &exchange, 5);
     let got = consumer.wait_for(5, WITHIN);
     assert_eq!(got.iter().filter_map(|d| d.message_id.clone()).collect::<HashSet<_>>(), ids);
-    broker.delete_exchange(&exchange);
 }
 
 #[test]
@@ -298,8 +293,7 @@ fn unroutable_poison_is_retried_dead_lettered_and_replayed_without_stalling_othe
         ("outbox.retry_backoff_max", "'1s'"),
     ]);
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let good = broker.consume(&exchange, "good.#");
     cluster.wait_for_worker();
     let mut db = cluster.client();
@@ -349,7 +343,6 @@ fn unroutable_poison_is_retried_dead_lettered_and_replayed_without_stalling_othe
     let replayed = bad.wait_for(1, WITHIN);
     assert_eq!(replayed[0].message_id.as_deref(), Some(poison.as_str()));
     cluster.wait_drained(WITHIN);
-    broker.delete_exchange(&exchange);
 }
 
 /// Sets RabbitMQ's `max_message_size` for the test; restores the default on drop.
@@ -385,8 +378,7 @@ fn oversized_and_nacked_poison_is_dead_lettered_and_replayed() {
         ("outbox.retry_backoff_max", "'500ms'"),
     ]);
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let ok = broker.consume(&exchange, "ok.#");
     // A queue that holds one message and rejects more: the broker nacks them.
     let mut args = amqprs::FieldTable::new();
@@ -405,7 +397,7 @@ fn oversized_and_nacked_poison_is_dead_lettered_and_replayed() {
     let publish = |db: &mut postgres::Client, rk: &str, payload: &str| -> String {
         db.query_one(
             "SELECT outbox.publish('Poison', $1::text::jsonb, routing_key => $2, exchange => $3)::text",
-            &[&payload, &rk, &exchange],
+            &[&payload, &rk, &exchange.name],
         )
         .unwrap()
         .get(0)
@@ -447,7 +439,6 @@ fn oversized_and_nacked_poison_is_dead_lettered_and_replayed() {
     assert_eq!(got[1].message_id.as_deref(), Some(nacked.as_str()));
     cluster.wait_drained(WITHIN);
     broker.delete_queue(&full_queue);
-    broker.delete_exchange(&exchange);
 }
 
 #[test]
@@ -458,8 +449,7 @@ fn a_hot_standby_publishes_nothing_until_promoted() {
     // The primary cannot reach the broker, so whatever arrives comes from the standby.
     let primary = Cluster::start(&[("outbox.amqp_url", &nowhere), ("wal_level", "replica")]);
     let broker = Broker::connect();
-    let exchange = unique("ex");
-    broker.exchange(&exchange);
+    let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
     let standby =
         Cluster::standby_of(&primary, &[("outbox.amqp_url", "'amqp://guest:guest@127.0.0.1:5672/%2F'")]);
@@ -480,7 +470,6 @@ fn a_hot_standby_publishes_nothing_until_promoted() {
     let received: HashSet<String> = got.iter().filter_map(|d| d.message_id.clone()).collect();
     assert_eq!(received, ids);
     standby.wait_drained(WITHIN);
-    broker.delete_exchange(&exchange);
 }
 
 /// Raises RabbitMQ's memory alarm (publishers are blocked) until dropped.
