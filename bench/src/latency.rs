@@ -145,10 +145,11 @@ pub fn latency(seconds: u64) -> Vec<Row> {
 
     let mut rows = Vec::new();
     for poll in ["1s", "60s"] {
-        let cluster = Cluster::start(&[
-            ("outbox.poll_interval", &format!("'{poll}'")),
+        let poll_setting = format!("'{poll}'");
+        let cluster = Cluster::start(&crate::settings(&[
+            ("outbox.poll_interval", poll_setting.as_str()),
             ("outbox.amqp_url", BROKER_URL),
-        ]);
+        ]));
         cluster.wait_for_worker();
         std::thread::sleep(Duration::from_secs(1));
         progress(&format!("latency at 1000 events/s from 4 clients for {seconds} s, poll interval {poll}"));

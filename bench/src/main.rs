@@ -11,6 +11,15 @@ mod write;
 
 use std::fmt::Write as _;
 
+/// Server settings of every benchmark cluster: a production-like buffer cache (the test
+/// clusters' 64 MB would make a million-event backlog a cache-miss benchmark).
+pub const SERVER: &[(&str, &str)] = &[("shared_buffers", "'1GB'"), ("max_wal_size", "'4GB'")];
+
+/// [`SERVER`] plus `extra`.
+pub fn settings<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    SERVER.iter().copied().chain(extra.iter().copied()).collect()
+}
+
 /// A result line: figure, value, baseline, ratio (value / baseline), target.
 pub struct Row {
     pub figure: String,

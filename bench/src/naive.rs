@@ -69,7 +69,7 @@ pub fn naive_rate(cluster: &Cluster, exchange: &str, seconds: u64) -> (f64, u64)
 }
 
 pub fn naive(relay_rate: Option<f64>, seconds: u64) -> Vec<Row> {
-    let cluster = Cluster::start(&[]);
+    let cluster = Cluster::start(&crate::settings(&[]));
     let broker = Broker::connect();
     let exchange = unique("bench.naive");
     broker.exchange(&exchange);

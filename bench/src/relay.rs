@@ -124,7 +124,8 @@ pub fn throughput(sizes: &Sizes) -> (Vec<Row>, f64) {
     broker.delete_queue(&queue);
     queue = bounded_queue(&broker, &exchange);
 
-    let cluster = Cluster::start(&[("outbox.max_in_flight", "1000"), ("outbox.batch_size", "1000")]);
+    let cluster =
+        Cluster::start(&crate::settings(&[("outbox.max_in_flight", "1000"), ("outbox.batch_size", "1000")]));
     cluster.wait_for_worker();
     let idle = relation_sizes(&cluster);
     disconnect(&cluster);

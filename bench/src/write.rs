@@ -50,7 +50,8 @@ fn pgbench(cluster: &Cluster, name: &str, script: &str, clients: u32, seconds: u
 }
 
 pub fn write_overhead(seconds: u32) -> Vec<Row> {
-    let cluster = Cluster::start(&[("outbox.amqp_url", BROKER_URL), ("max_connections", "60")]);
+    let cluster =
+        Cluster::start(&crate::settings(&[("outbox.amqp_url", BROKER_URL), ("max_connections", "60")]));
     cluster.wait_for_worker();
     let mut db = cluster.client();
     db.batch_execute(&format!(
