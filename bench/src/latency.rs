@@ -134,6 +134,24 @@ fn idle(cluster: &Cluster, broker: &Broker, samples: usize) -> Percentiles {
     percentiles(latencies)
 }
 
+/// What waking from idle costs on this machine, outside pg_outbox: the round trip of a small
+/// catalog query sent at the idle benchmark's pace, and the same sent back to back.
+fn cold_query(cluster: &Cluster, samples: usize) -> (Percentiles, Percentiles) {
+    const QUERY: &str = "SELECT count(*) FROM pg_class";
+    let mut db = cluster.client();
+    let mut timed = |pause: Duration| {
+        let mut times = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            std::thread::sleep(pause);
+            let started = Instant::now();
+            db.query_one(QUERY, &[]).unwrap();
+            times.push(started.elapsed());
+        }
+        percentiles(times)
+    };
+    (timed(Duration::from_millis(100)), timed(Duration::ZERO))
+}
+
 pub fn latency(seconds: u64) -> Vec<Row> {
     let broker = Broker::connect();
     let exchange = unique("bench.raw");
@@ -164,6 +182,12 @@ pub fn latency(seconds: u64) -> Vec<Row> {
         progress(&format!("single events at idle, poll interval {poll}"));
         let single = idle(&cluster, &broker, 50);
         progress(&format!("  p50 {} p99 {}", ms(single.p50), ms(single.p99)));
+        let (cold, warm) = cold_query(&cluster, 50);
+        progress(&format!(
+            "  a catalog query's round trip at the same pace: p50 {} (back to back: p50 {})",
+            ms(cold.p50),
+            ms(warm.p50)
+        ));
         rows.push(Row {
             figure: format!(
                 "latency, commit to consumer, 1,000 events/s from 4 clients (poll interval {poll})"
@@ -177,7 +201,12 @@ pub fn latency(seconds: u64) -> Vec<Row> {
         rows.push(Row {
             figure: format!("latency, single event at idle (poll interval {poll})"),
             value: format!("p50 {} · p99 {}", ms(single.p50), ms(single.p99)),
-            baseline: format!("raw p50 {}", ms(raw.p50)),
+            baseline: format!(
+                "raw p50 {}; waking from idle: a catalog query at the same pace p50 {} (back to back {})",
+                ms(raw.p50),
+                ms(cold.p50),
+                ms(warm.p50)
+            ),
             ratio: None,
             target: "reported".into(),
             met: None,

@@ -46,7 +46,8 @@ pub fn body(n: u64) -> Vec<u8> {
 }
 
 /// Publishes `count` persistent messages with at most `window` unconfirmed; returns the rate.
-pub fn publish_rate(exchange: &str, routing_key: &str, count: u64, window: u64) -> f64 {
+/// `mandatory` as pg_outbox sets it by default (off only for an exchange with no queue).
+pub fn publish_rate(exchange: &str, routing_key: &str, count: u64, window: u64, mandatory: bool) -> f64 {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
         let connection = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
@@ -57,7 +58,7 @@ pub fn publish_rate(exchange: &str, routing_key: &str, count: u64, window: u64) 
         let (tx, mut rx) = watch::channel(0u64);
         channel.register_callback(ConfirmCounter(tx)).await.unwrap();
         channel.confirm_select(ConfirmSelectArguments::new(false)).await.unwrap();
-        let args = BasicPublishArguments::new(exchange, routing_key).mandatory(true).finish();
+        let args = BasicPublishArguments::new(exchange, routing_key).mandatory(mandatory).finish();
         let started = Instant::now();
         for n in 1..=count {
             while n - *rx.borrow() > window {
