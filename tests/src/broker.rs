@@ -24,6 +24,10 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}.{}.{t}.{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// How long a test queue may sit unused (no consumer, not redeclared) before the broker deletes
+/// it: longer than any test, including one that stops the broker.
+pub const QUEUE_EXPIRY: Duration = Duration::from_secs(30 * 60);
+
 /// A message as a consumer received it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -197,9 +201,15 @@ impl Broker {
         self.declare_queue(exchange, binding, FieldTable::new())
     }
 
-    /// [`Broker::queue`] with queue arguments (`x-max-length`, ...).
-    pub fn declare_queue(&self, exchange: &str, binding: &str, arguments: FieldTable) -> String {
+    /// [`Broker::queue`] with queue arguments (`x-max-length`, ...). Every queue expires after
+    /// `QUEUE_EXPIRY` without use, so a test that fails or is killed leaves nothing behind on a
+    /// shared broker.
+    pub fn declare_queue(&self, exchange: &str, binding: &str, mut arguments: FieldTable) -> String {
         let queue = unique("q");
+        let expires: amqprs::FieldName = "x-expires".try_into().unwrap();
+        if arguments.get(&expires).is_none() {
+            arguments.insert(expires, FieldValue::l(QUEUE_EXPIRY.as_millis() as i64));
+        }
         self.on_channel(async |ch| {
             ch.queue_declare(QueueDeclareArguments::new(&queue).durable(true).arguments(arguments).finish())
                 .await
