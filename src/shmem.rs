@@ -79,6 +79,10 @@ impl WorkerStatus {
 static STATUS: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"pg_outbox_status") };
 /// `pgprocno` of the worker, or -1: the latch a commit sets.
 static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_outbox_procno") };
+/// Whether the worker wants the next commit to wake it. It arms this before each read of the
+/// outbox, and the first commit after that takes it: one wake-up per round however many
+/// transactions commit, and none while the worker could not publish anyway (no broker).
+static WAKE_WANTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_outbox_wake_wanted") };
 /// Set in the postmaster when the library is preloaded; inherited by every backend it forks.
 static AVAILABLE: AtomicBool = AtomicBool::new(false);
 
@@ -86,6 +90,7 @@ static AVAILABLE: AtomicBool = AtomicBool::new(false);
 pub fn init() {
     pg_shmem_init!(STATUS = WorkerStatus::default());
     pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
+    pg_shmem_init!(WAKE_WANTED = AtomicBool::new(false));
     AVAILABLE.store(true, Ordering::Relaxed);
 }
 
@@ -109,6 +114,29 @@ pub fn set_worker_procno(procno: Option<i32>) {
     if available() {
         WORKER_PROCNO.get().store(procno.unwrap_or(-1), Ordering::Release);
     }
+}
+
+/// The worker: the next commit must wake me. Called before it takes the snapshot of its read,
+/// so a commit either is visible to that read or finds this armed.
+pub fn arm_wake_up() {
+    if available() {
+        WAKE_WANTED.get().store(true, Ordering::SeqCst);
+    }
+}
+
+/// The worker: commits need not wake me (I cannot publish now).
+pub fn disarm_wake_up() {
+    if available() {
+        WAKE_WANTED.get().store(false, Ordering::SeqCst);
+    }
+}
+
+/// A committing writer: the worker's procno if it wants a wake-up (which this call takes).
+pub fn take_wake_up() -> Option<i32> {
+    if !available() || !WAKE_WANTED.get().swap(false, Ordering::SeqCst) {
+        return None;
+    }
+    worker_procno()
 }
 
 pub fn worker_procno() -> Option<i32> {

@@ -56,7 +56,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
 
 /// Sets the worker's latch, if a worker runs.
 pub fn wake_worker() {
-    if let Some(procno) = shmem::worker_procno() {
+    if let Some(procno) = shmem::take_wake_up() {
         unsafe {
             let proc = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
             pg_sys::SetLatch(&mut (*proc).procLatch);

@@ -305,6 +305,13 @@ impl<'rt> Relay<'rt> {
         let room = (gucs::max_in_flight() + batch_size).saturating_sub(self.in_flight.len());
         // A small read while the session is busy only adds transactions.
         let fetch = connected && room >= batch_size.min(64);
+        // Before the read's snapshot: a commit from now on either is seen by this read or wakes
+        // the next wait. Without a read to do, commits have nothing to wake us for.
+        if fetch {
+            shmem::arm_wake_up();
+        } else {
+            shmem::disarm_wake_up();
+        }
         let limit = room.min(batch_size);
         let published = std::mem::take(&mut self.published);
         let failures = std::mem::take(&mut self.failures);

@@ -505,3 +505,46 @@ fn an_event_committed_late_with_a_low_row_id_is_not_skipped() {
     assert_eq!(got[5000].message_id.as_deref(), Some(late.to_string().as_str()));
     println!("late event published {:?} after its commit", got[5000].received_at - committed_at);
 }
+
+#[test]
+fn commits_wake_the_worker_whatever_the_poll_interval() {
+    // With a poll interval of an hour, only commit-time wake-ups can publish these in time:
+    // after idle periods, and after the worker was cut off from the broker and came back.
+    let cluster = Cluster::start(&[("outbox.poll_interval", "'1h'")]);
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    cluster.wait_for_worker();
+    let mut db = cluster.client();
+    let mut expected = Vec::new();
+    let publish_after_idle = |db: &mut Client, expected: &mut Vec<Uuid>| {
+        std::thread::sleep(Duration::from_millis(1500));
+        expected.push(publish(db, "Woken", "{}", &exchange.name));
+        let got = consumer.wait_for(expected.len(), WITHIN);
+        let ids: Vec<String> = got.iter().map(|d| d.message_id.clone().unwrap()).collect();
+        assert_eq!(ids, expected.iter().map(Uuid::to_string).collect::<Vec<_>>());
+    };
+    for _ in 0..3 {
+        publish_after_idle(&mut db, &mut expected);
+    }
+
+    // Cut off: an event committed now waits; once the broker is back it goes, and the next
+    // commit wakes the worker again.
+    let nowhere =
+        format!("'amqp://guest:guest@127.0.0.1:{}/%2F?connection_timeout=500'", cluster::free_port());
+    cluster.reconfigure(&[("outbox.amqp_url", &nowhere)]);
+    wait_until(WITHIN, "the worker to disconnect", || {
+        let connected: Option<bool> =
+            db.query_one("SELECT broker_connected FROM outbox.stats", &[]).unwrap().get(0);
+        (connected == Some(false)).then_some(())
+    });
+    expected.push(publish(&mut db, "WhileCutOff", "{}", &exchange.name));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(consumer.count(), expected.len() - 1, "published without a broker?");
+    cluster.reconfigure(&[("outbox.amqp_url", "'amqp://guest:guest@127.0.0.1:5672/%2F'")]);
+    consumer.wait_for(expected.len(), WITHIN);
+    for _ in 0..2 {
+        publish_after_idle(&mut db, &mut expected);
+    }
+    cluster.wait_drained(WITHIN);
+}
