@@ -39,11 +39,6 @@ pub async fn stop_requested_async() {
     }
 }
 
-/// Whether a reload is pending (the flag stays set).
-pub fn reload_pending() -> bool {
-    unsafe { std::ptr::read_volatile(&raw const pg_sys::ConfigReloadPending) != 0 }
-}
-
 /// Whether a reload is pending; clears the flag.
 pub fn take_reload() -> bool {
     unsafe {

@@ -253,14 +253,19 @@ pub fn read_batch(
     })
 }
 
-pub fn delete_published(row_ids: Vec<i64>) -> SpiResult<()> {
-    if row_ids.is_empty() {
+/// Records what the broker said: deletes the confirmed rows, counts failed attempts and moves
+/// exhausted events to the dead letters.
+pub fn record_outcomes(published: &[i64], failures: &[Failure]) -> SpiResult<()> {
+    if !published.is_empty() {
+        Spi::connect_mut(|c| run(c, DELETE_PUBLISHED, &[published.to_vec().into()], |_| Ok(())))?;
+    }
+    if failures.is_empty() {
         return Ok(());
     }
-    Spi::connect_mut(|c| run(c, DELETE_PUBLISHED, &[row_ids.into()], |_| Ok(())))
+    record_failures(failures)
 }
 
-pub fn record_failures(failures: &[Failure]) -> SpiResult<()> {
+fn record_failures(failures: &[Failure]) -> SpiResult<()> {
     let (retries, dead): (Vec<&Failure>, Vec<&Failure>) =
         failures.iter().partition(|f| f.retry_after.is_some());
     Spi::connect_mut(|c| {

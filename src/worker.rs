@@ -228,14 +228,6 @@ impl<'rt> Relay<'rt> {
             }
             if !self.in_flight.is_empty() {
                 self.wait_for_outcomes(pause.min(OUTCOME_WAIT));
-            } else if !matches!(self.link, Link::Running(_)) {
-                // No broker: commits have nothing to wake us for until the next attempt.
-                let until = Instant::now() + pause;
-                while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
-                    if !signals::wait(left) || signals::reload_pending() {
-                        break;
-                    }
-                }
             } else if !signals::wait(pause) {
                 break;
             }
@@ -257,12 +249,10 @@ impl<'rt> Relay<'rt> {
             if !self.published.is_empty() || !self.failures.is_empty() {
                 // Interrupts held: the pending SIGTERM must not cut this short.
                 unsafe { pg_sys::InterruptHoldoffCount += 1 };
-                let (published, failures) =
-                    (std::mem::take(&mut self.published), std::mem::take(&mut self.failures));
+                let (published, failures) = (&self.published, &self.failures);
                 let _ = in_transaction(AssertUnwindSafe(|| -> Result<(), pgrx::spi::SpiError> {
                     if store::schema()? == Schema::Ready {
-                        store::delete_published(published)?;
-                        store::record_failures(&failures)?;
+                        store::record_outcomes(published, failures)?;
                     }
                     Ok(())
                 }));
@@ -331,8 +321,7 @@ impl<'rt> Relay<'rt> {
                 Schema::OtherVersion(v) => return Ok(Step::Wait(DbState::OtherVersion(v))),
                 Schema::Busy => return Ok(Step::Wait(DbState::Busy)),
             }
-            store::delete_published(published.clone())?;
-            store::record_failures(&failures)?;
+            store::record_outcomes(&published, &failures)?;
             if floor_due {
                 new_floor = match candidate {
                     None => (floor, Some(store::floor_candidate()?)),
@@ -524,7 +513,7 @@ impl<'rt> Relay<'rt> {
             Err(e) => (None, SessionEnd::ConnectionLost(format!("the publishing session failed: {e}"))),
         };
         match (publisher, end) {
-            (Some(publisher), SessionEnd::ChannelLost(_) | SessionEnd::Finished | SessionEnd::Stopped) => {
+            (Some(publisher), SessionEnd::ChannelLost(_) | SessionEnd::Finished) => {
                 self.link = Link::Idle(Box::new(publisher));
             }
             (_, end) => {
@@ -563,7 +552,7 @@ impl<'rt> Relay<'rt> {
         let (feed, mut feed_rx) = unbounded_channel();
         let (reports_tx, reports) = unbounded_channel();
         let task = self.runtime.spawn(async move {
-            let end = publisher.run_session(&mut feed_rx, &reports_tx, &|| false).await;
+            let end = publisher.run_session(&mut feed_rx, &reports_tx).await;
             (publisher, end)
         });
         self.link = Link::Running(Running { feed, reports, task });

@@ -34,8 +34,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::{sleep_until, timeout, Instant};
 
-/// How often the batch loop looks at `should_stop` and at the connection's state while it
-/// waits for confirms.
+/// How often a session looks at the connection's state, in case its close event never comes.
 const TICK: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, PartialEq)]
@@ -290,19 +289,13 @@ impl Publisher {
     }
 
     /// Publishes `batch` and waits for every outcome: a session fed with one batch.
-    /// `should_stop` is polled while waiting; when it returns true the session gives up and
-    /// unconfirmed messages are `NotAttempted`.
-    pub async fn publish_batch(
-        &mut self,
-        batch: Vec<OutboxMessage>,
-        should_stop: &(dyn Fn() -> bool + Sync),
-    ) -> BatchReport {
+    pub async fn publish_batch(&mut self, batch: Vec<OutboxMessage>) -> BatchReport {
         let rows: Vec<i64> = batch.iter().map(|m| m.row_id).collect();
         let (feed_tx, mut feed) = unbounded_channel();
         let (reports_tx, mut reports) = unbounded_channel();
         let _ = feed_tx.send(Command::Publish(batch));
         drop(feed_tx);
-        let end = self.run_session(&mut feed, &reports_tx, should_stop).await;
+        let end = self.run_session(&mut feed, &reports_tx).await;
         let mut outcome_of: HashMap<i64, Outcome> = HashMap::new();
         while let Ok(r) = reports.try_recv() {
             outcome_of.insert(r.row_id, r.outcome);
@@ -326,7 +319,6 @@ impl Publisher {
         &mut self,
         feed: &mut UnboundedReceiver<Command>,
         reports: &UnboundedSender<Report>,
-        should_stop: &(dyn Fn() -> bool + Sync),
     ) -> SessionEnd {
         if let Err(e) = self.ensure_channel().await {
             return SessionEnd::ConnectionLost(e.to_string());
@@ -410,9 +402,6 @@ impl Publisher {
                     break SessionEnd::ChannelLost(reason);
                 }
                 _ = tokio::time::sleep(TICK) => {
-                    if should_stop() {
-                        break SessionEnd::Stopped;
-                    }
                     if !self.connection.is_open() {
                         break SessionEnd::ConnectionLost("connection lost".into());
                     }
@@ -463,7 +452,7 @@ impl Publisher {
         for seq in session.dispatcher.abandon_all() {
             session.report(seq, Outcome::NotAttempted);
         }
-        if !matches!(end, SessionEnd::Finished | SessionEnd::Stopped) {
+        if end != SessionEnd::Finished {
             self.channel = None;
         }
         end
@@ -492,8 +481,6 @@ pub struct Report {
 pub enum SessionEnd {
     /// The feed was closed and every message settled.
     Finished,
-    /// `should_stop` said so.
-    Stopped,
     /// The channel is gone (closed by the broker, or dropped after a confirm timeout); the
     /// connection may still serve a new session.
     ChannelLost(String),

@@ -49,10 +49,6 @@ fn publisher_with(config: PublisherConfig) -> (Runtime, Publisher) {
     (rt, publisher)
 }
 
-fn never_stop() -> bool {
-    false
-}
-
 fn failed(o: &Outcome) -> Option<FailureKind> {
     match o {
         Outcome::Failed { kind, .. } => Some(*kind),
@@ -69,7 +65,7 @@ fn a_confirmed_batch_arrives_in_order_per_aggregate() {
     let aggregates = ["a", "b", "c"];
     let batch: Vec<OutboxMessage> =
         (1..=300).map(|i| message(i, (i % 4 != 0).then(|| aggregates[i as usize % 3]), "k")).collect();
-    let report = rt.block_on(publisher.publish_batch(batch, &never_stop));
+    let report = rt.block_on(publisher.publish_batch(batch));
     assert!(report.connection_lost.is_none());
     assert_eq!(report.confirmed(), 300, "{:?}", report.outcomes);
     let got = consumer.wait_for(300, WITHIN);
@@ -92,7 +88,7 @@ fn unroutable_messages_fail_only_with_mandatory() {
     let consumer = broker.consume(&exchange, "routed");
     let (rt, mut publisher) = publisher_for(&exchange);
     let batch = vec![message(1, None, "routed"), message(2, None, "nowhere"), message(3, None, "routed")];
-    let report = rt.block_on(publisher.publish_batch(batch.clone(), &never_stop));
+    let report = rt.block_on(publisher.publish_batch(batch.clone()));
     assert_eq!(report.outcomes[0], Outcome::Confirmed);
     assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::Unroutable));
     assert_eq!(report.outcomes[2], Outcome::Confirmed);
@@ -100,7 +96,7 @@ fn unroutable_messages_fail_only_with_mandatory() {
 
     let mut lax =
         rt.block_on(Publisher::connect(PublisherConfig { mandatory: false, ..config(&exchange) })).unwrap();
-    let report = rt.block_on(lax.publish_batch(batch, &never_stop));
+    let report = rt.block_on(lax.publish_batch(batch));
     assert_eq!(report.confirmed(), 3, "without mandatory the broker drops it and confirms");
 }
 
@@ -113,14 +109,14 @@ fn a_missing_exchange_fails_its_messages_and_the_next_batch_goes_through() {
     let mut bad = message(2, Some("x"), "k");
     bad.exchange = Some(unique("missing"));
     let batch = vec![message(1, None, "k"), bad, message(3, Some("x"), "k")];
-    let report = rt.block_on(publisher.publish_batch(batch, &never_stop));
+    let report = rt.block_on(publisher.publish_batch(batch));
     assert!(report.connection_lost.is_none(), "a channel error is not a connection loss");
     assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::Refused), "{:?}", report.outcomes);
     assert_eq!(report.outcomes[2], Outcome::NotAttempted, "held back behind its aggregate's failure");
     assert_ne!(failed(&report.outcomes[0]), Some(FailureKind::Refused), "the broker named the culprit");
 
     // A fresh channel is opened for the next batch.
-    let report = rt.block_on(publisher.publish_batch(vec![message(3, Some("x"), "k")], &never_stop));
+    let report = rt.block_on(publisher.publish_batch(vec![message(3, Some("x"), "k")]));
     assert_eq!(report.outcomes, vec![Outcome::Confirmed]);
     let got = consumer.wait_for(2, WITHIN);
     assert!(got.iter().any(|d| d.message_id.as_deref() == Some("m-3")));
@@ -139,7 +135,7 @@ fn nacked_messages_fail_and_hold_back_their_aggregate() {
     let (rt, mut publisher) = publisher_for(&exchange);
     let batch =
         vec![message(1, Some("a"), "full"), message(2, Some("a"), "full"), message(3, Some("a"), "full")];
-    let report = rt.block_on(publisher.publish_batch(batch, &never_stop));
+    let report = rt.block_on(publisher.publish_batch(batch));
     assert_eq!(report.outcomes[0], Outcome::Confirmed);
     assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::Nacked), "{:?}", report.outcomes);
     assert_eq!(report.outcomes[2], Outcome::NotAttempted);
@@ -152,7 +148,7 @@ fn invalid_rows_fail_without_reaching_the_broker() {
     let (rt, mut publisher) = publisher_for(&exchange);
     let mut bad = message(1, Some("a"), "k");
     bad.headers = Some("[\"not an object\"]".into());
-    let report = rt.block_on(publisher.publish_batch(vec![bad, message(2, Some("a"), "k")], &never_stop));
+    let report = rt.block_on(publisher.publish_batch(vec![bad, message(2, Some("a"), "k")]));
     assert_eq!(failed(&report.outcomes[0]), Some(FailureKind::Invalid));
     assert_eq!(report.outcomes[1], Outcome::NotAttempted);
 }
@@ -168,15 +164,14 @@ fn a_hung_broker_times_out_and_a_cut_connection_is_reported() {
     let mut publisher = rt.block_on(Publisher::connect(cfg.clone())).unwrap();
 
     proxy.stall(true);
-    let report =
-        rt.block_on(publisher.publish_batch(vec![message(1, None, "k"), message(2, None, "k")], &never_stop));
+    let report = rt.block_on(publisher.publish_batch(vec![message(1, None, "k"), message(2, None, "k")]));
     assert_eq!(failed(&report.outcomes[0]), Some(FailureKind::Timeout), "{:?}", report);
     assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::Timeout));
     proxy.stall(false);
 
     let mut publisher = rt.block_on(Publisher::connect(cfg)).unwrap();
     proxy.cut();
-    let report = rt.block_on(publisher.publish_batch(vec![message(3, None, "k")], &never_stop));
+    let report = rt.block_on(publisher.publish_batch(vec![message(3, None, "k")]));
     assert!(report.connection_lost.is_some(), "{report:?}");
     assert_ne!(report.outcomes[0], Outcome::Confirmed);
     assert!(!publisher.is_connected());
