@@ -3,7 +3,6 @@
 //! depend on it: commits wake the worker). Baseline: a raw publisher's publish-to-consume
 //! time for one message with a confirm, the broker's own floor.
 
-use crate::relay::BROKER_URL;
 use crate::{progress, Row};
 use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments};
 use amqprs::connection::{Connection, OpenConnectionArguments};
@@ -164,10 +163,7 @@ pub fn latency(seconds: u64) -> Vec<Row> {
     let mut rows = Vec::new();
     for poll in ["1s", "60s"] {
         let poll_setting = format!("'{poll}'");
-        let cluster = Cluster::start(&crate::settings(&[
-            ("outbox.poll_interval", poll_setting.as_str()),
-            ("outbox.amqp_url", BROKER_URL),
-        ]));
+        let cluster = Cluster::start(&crate::settings(&[("outbox.poll_interval", poll_setting.as_str())]));
         cluster.wait_for_worker();
         std::thread::sleep(Duration::from_secs(1));
         progress(&format!("latency at 1000 events/s from 4 clients for {seconds} s, poll interval {poll}"));

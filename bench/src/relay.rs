@@ -4,7 +4,7 @@
 
 use crate::cpu::{measure, rabbitmq_pid};
 use crate::{progress, raw, Row};
-use pg_outbox_tests::{cluster::free_port, unique, wait_until, Broker, Cluster};
+use pg_outbox_tests::{unique, wait_until, Broker, Cluster};
 use std::time::{Duration, Instant};
 
 pub struct Sizes {
@@ -54,28 +54,11 @@ fn published_total(cluster: &Cluster) -> i64 {
         .get(0)
 }
 
-fn connected(cluster: &Cluster) -> bool {
-    cluster
-        .client()
-        .query_one("SELECT coalesce(broker_connected, false) FROM outbox.worker_status()", &[])
-        .unwrap()
-        .get(0)
-}
-
-pub const BROKER_URL: &str = "'amqp://guest:guest@127.0.0.1:5672/%2F'";
-
-/// Points the worker at nowhere, so that a backlog can be written.
-pub fn disconnect(cluster: &Cluster) {
-    let nowhere = format!("'amqp://guest:guest@127.0.0.1:{}/%2F?connection_timeout=500'", free_port());
-    cluster.reconfigure(&[("outbox.amqp_url", &nowhere)]);
-    wait_until(Duration::from_secs(60), "the worker to disconnect", || (!connected(cluster)).then_some(()));
-}
-
 /// Lets the worker reach the broker and times the drain of `count` pending events.
 pub fn drain(cluster: &Cluster, count: u64) -> f64 {
     let before = published_total(cluster);
     let started = Instant::now();
-    cluster.reconfigure(&[("outbox.amqp_url", BROKER_URL)]);
+    cluster.reconnect_broker();
     wait_until(Duration::from_secs(600), "the backlog to drain", || {
         (published_total(cluster) - before >= count as i64).then_some(())
     });
@@ -122,7 +105,7 @@ fn backlog_drain(
     ));
     broker.delete_queue(queue);
     *queue = bounded_queue(broker, exchange);
-    disconnect(cluster);
+    cluster.cut_off_broker();
     (rate, per_event)
 }
 
@@ -151,7 +134,7 @@ pub fn throughput(sizes: &Sizes) -> (Vec<Row>, f64) {
         Cluster::start(&crate::settings(&[("outbox.max_in_flight", "1000"), ("outbox.batch_size", "1000")]));
     cluster.wait_for_worker();
     let idle = relation_sizes(&cluster);
-    disconnect(&cluster);
+    cluster.cut_off_broker();
 
     // The broker's speed drifts during a run (its CPU per message varies by 20% from one
     // minute to the next here), so raw and relay measurements alternate, and each relay

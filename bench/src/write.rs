@@ -2,7 +2,6 @@
 //! against the same transfer inserting the same payload into a plain table, and PgQ's
 //! `pgq.insert_event` as a peer (when the pgq extension is installed).
 
-use crate::relay::{disconnect, BROKER_URL};
 use crate::{progress, Row};
 use pg_outbox_tests::cluster::PG_BIN;
 use pg_outbox_tests::{unique, Broker, Cluster};
@@ -50,8 +49,7 @@ fn pgbench(cluster: &Cluster, name: &str, script: &str, clients: u32, seconds: u
 }
 
 pub fn write_overhead(seconds: u32) -> Vec<Row> {
-    let cluster =
-        Cluster::start(&crate::settings(&[("outbox.amqp_url", BROKER_URL), ("max_connections", "60")]));
+    let cluster = Cluster::start(&crate::settings(&[("max_connections", "60")]));
     cluster.wait_for_worker();
     let mut db = cluster.client();
     db.batch_execute(&format!(
@@ -88,7 +86,7 @@ pub fn write_overhead(seconds: u32) -> Vec<Row> {
     // Two commit modes: as applications usually run (each commit waits for its WAL flush, so
     // the disk's fsync sets the pace), and with synchronous_commit off (the CPU sets it).
     let mut runs: std::collections::HashMap<(&str, bool), Vec<f64>> = Default::default();
-    disconnect(&cluster);
+    cluster.cut_off_broker();
     for (sync, rounds) in [(true, ROUNDS), (false, 2)] {
         let options = if sync { "" } else { "-c synchronous_commit=off" };
         for round in 1..=rounds {
@@ -106,7 +104,7 @@ pub fn write_overhead(seconds: u32) -> Vec<Row> {
             }
         }
     }
-    cluster.reconfigure(&[("outbox.amqp_url", BROKER_URL)]);
+    cluster.reconnect_broker();
     reset(&mut db);
     progress("outbox.process_transaction with the relay publishing meanwhile");
     let relaying_tps = pgbench(&cluster, "outbox", &outbox, clients, seconds, "");

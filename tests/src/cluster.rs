@@ -67,6 +67,14 @@ fn new_dir() -> (u16, PathBuf) {
     (port, dir)
 }
 
+/// `outbox.amqp_url` (as written in postgresql.conf) of the running RabbitMQ.
+pub const BROKER_URL: &str = "'amqp://guest:guest@127.0.0.1:5672/%2F'";
+
+/// An `outbox.amqp_url` where nothing listens; connection attempts fail fast.
+pub fn unreachable_broker_url() -> String {
+    format!("'amqp://guest:guest@127.0.0.1:{}/%2F?connection_timeout=500'", free_port())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -79,7 +87,7 @@ pub fn base_settings(port: u16, dir: &Path) -> Vec<(String, String)> {
         ("unix_socket_directories", format!("'{}'", dir.display())),
         ("shared_preload_libraries", "'pg_outbox'".into()),
         ("outbox.database", format!("'{DB}'")),
-        ("outbox.amqp_url", "'amqp://guest:guest@127.0.0.1:5672/%2F'".into()),
+        ("outbox.amqp_url", BROKER_URL.into()),
         ("outbox.poll_interval", "'1s'".into()),
         ("max_prepared_transactions", "10".into()),
         ("max_connections", "50".into()),
@@ -277,6 +285,26 @@ impl Cluster {
             .ok()
             .flatten()
             .map(|r| r.get(0))
+    }
+
+    pub fn broker_connected(&self) -> bool {
+        self.client()
+            .query_one("SELECT coalesce(broker_connected, false) FROM outbox.stats", &[])
+            .unwrap()
+            .get(0)
+    }
+
+    /// Points the worker at a broker that is not there, and waits until it has let go.
+    pub fn cut_off_broker(&self) {
+        self.reconfigure(&[("outbox.amqp_url", &unreachable_broker_url())]);
+        wait_until(Duration::from_secs(60), "the worker to disconnect", || {
+            (!self.broker_connected()).then_some(())
+        });
+    }
+
+    /// Points the worker at the running RabbitMQ again.
+    pub fn reconnect_broker(&self) {
+        self.reconfigure(&[("outbox.amqp_url", BROKER_URL)]);
     }
 
     pub fn wait_for_worker(&self) -> i32 {

@@ -165,9 +165,8 @@ fn rolled_back_events_never_arrive() {
 #[test]
 fn a_backlog_written_while_the_broker_was_unreachable_drains_completely() {
     // The worker points at a port where nothing listens.
-    let nowhere =
-        format!("'amqp://guest:guest@127.0.0.1:{}/%2F?connection_timeout=1000'", cluster::free_port());
-    let cluster = Cluster::start(&[("outbox.amqp_url", &nowhere), ("outbox.batch_size", "100")]);
+    let cluster =
+        Cluster::start(&[("outbox.amqp_url", &unreachable_broker_url()), ("outbox.batch_size", "100")]);
     let broker = Broker::connect();
     let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
@@ -192,7 +191,7 @@ fn a_backlog_written_while_the_broker_was_unreachable_drains_completely() {
     assert!(!last_error.unwrap().contains("guest:guest"));
     assert_eq!(consumer.count(), 0);
 
-    cluster.reconfigure(&[("outbox.amqp_url", "'amqp://guest:guest@127.0.0.1:5672/%2F'")]);
+    cluster.reconnect_broker();
     let got = consumer.wait_for(5000, WITHIN);
     let (unique_ids, duplicates) = dedup(&got);
     let received: HashSet<String> = unique_ids.keys().cloned().collect();
@@ -530,18 +529,11 @@ fn commits_wake_the_worker_whatever_the_poll_interval() {
 
     // Cut off: an event committed now waits; once the broker is back it goes, and the next
     // commit wakes the worker again.
-    let nowhere =
-        format!("'amqp://guest:guest@127.0.0.1:{}/%2F?connection_timeout=500'", cluster::free_port());
-    cluster.reconfigure(&[("outbox.amqp_url", &nowhere)]);
-    wait_until(WITHIN, "the worker to disconnect", || {
-        let connected: Option<bool> =
-            db.query_one("SELECT broker_connected FROM outbox.stats", &[]).unwrap().get(0);
-        (connected == Some(false)).then_some(())
-    });
+    cluster.cut_off_broker();
     expected.push(publish(&mut db, "WhileCutOff", "{}", &exchange.name));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(consumer.count(), expected.len() - 1, "published without a broker?");
-    cluster.reconfigure(&[("outbox.amqp_url", "'amqp://guest:guest@127.0.0.1:5672/%2F'")]);
+    cluster.reconnect_broker();
     consumer.wait_for(expected.len(), WITHIN);
     for _ in 0..2 {
         publish_after_idle(&mut db, &mut expected);

@@ -444,15 +444,12 @@ fn oversized_and_nacked_poison_is_dead_lettered_and_replayed() {
 #[test]
 fn a_hot_standby_publishes_nothing_until_promoted() {
     let _alone = exclusive();
-    let nowhere =
-        format!("'amqp://guest:guest@127.0.0.1:{}/%2F?connection_timeout=500'", cluster::free_port());
     // The primary cannot reach the broker, so whatever arrives comes from the standby.
-    let primary = Cluster::start(&[("outbox.amqp_url", &nowhere), ("wal_level", "replica")]);
+    let primary = Cluster::start(&[("outbox.amqp_url", &unreachable_broker_url()), ("wal_level", "replica")]);
     let broker = Broker::connect();
     let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
-    let standby =
-        Cluster::standby_of(&primary, &[("outbox.amqp_url", "'amqp://guest:guest@127.0.0.1:5672/%2F'")]);
+    let standby = Cluster::standby_of(&primary, &[("outbox.amqp_url", BROKER_URL)]);
     let ids = publish_many(&primary, &exchange, 100);
     wait_until(WITHIN, "the standby to replay the events", || (standby.pending() == 100).then_some(()));
     std::thread::sleep(Duration::from_secs(3));
