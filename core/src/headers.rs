@@ -9,7 +9,6 @@ use serde_json::{Map, Value};
 
 pub const AGGREGATE_TYPE_HEADER: &str = "aggregate_type";
 pub const AGGREGATE_ID_HEADER: &str = "aggregate_id";
-pub const MAX_NAME_BYTES: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
@@ -38,15 +37,23 @@ pub fn json_kind(v: &Value) -> &'static str {
     }
 }
 
+/// A message's header table and its size on the wire.
+#[derive(Debug, Clone, Default)]
+pub struct Headers {
+    pub table: FieldTable,
+    /// Bytes of the table as AMQP encodes it, its 4-byte length included.
+    pub encoded_len: usize,
+}
+
 /// Builds the headers of a message: the members of `headers` (a JSON object's text) plus
 /// `aggregate_type` and `aggregate_id` when given.
 pub fn build(
     headers: Option<&str>,
     aggregate_type: Option<&str>,
     aggregate_id: Option<&str>,
-) -> Result<FieldTable, HeaderError> {
-    let mut table = match headers {
-        None => FieldTable::new(),
+) -> Result<Headers, HeaderError> {
+    let mut built = match headers {
+        None => Headers { table: FieldTable::new(), encoded_len: 4 },
         Some(text) => {
             let value: Value = serde_json::from_str(text).map_err(|e| HeaderError::Json(e.to_string()))?;
             match value {
@@ -58,49 +65,70 @@ pub fn build(
     for (name, value) in [(AGGREGATE_TYPE_HEADER, aggregate_type), (AGGREGATE_ID_HEADER, aggregate_id)] {
         if let Some(value) = value {
             let key = field_name(name)?;
-            if table.get(&key).is_some() {
+            if built.table.get(&key).is_some() {
                 return Err(HeaderError::ConflictsWithArgument(name));
             }
-            table.insert(key, FieldValue::from(value));
+            built.encoded_len += entry_len(name, long_string_len(value));
+            built.table.insert(key, FieldValue::from(value));
         }
     }
-    Ok(table)
+    Ok(built)
 }
 
-fn object_to_table(map: &Map<String, Value>) -> Result<FieldTable, HeaderError> {
+/// An entry of a table: its name (a short string), a type byte, the value.
+fn entry_len(name: &str, value_len: usize) -> usize {
+    1 + name.len() + 1 + value_len
+}
+
+fn long_string_len(s: &str) -> usize {
+    4 + s.len()
+}
+
+fn object_to_table(map: &Map<String, Value>) -> Result<Headers, HeaderError> {
     let mut table = FieldTable::new();
+    let mut encoded_len = 4;
     for (name, value) in map {
-        table.insert(field_name(name)?, to_field_value(name, value)?);
+        let (v, len) = to_field_value(name, value)?;
+        encoded_len += entry_len(name, len);
+        table.insert(field_name(name)?, v);
     }
-    Ok(table)
+    Ok(Headers { table, encoded_len })
 }
 
 fn field_name(name: &str) -> Result<FieldName, HeaderError> {
-    if name.len() > MAX_NAME_BYTES {
-        return Err(HeaderError::NameTooLong { name: truncate(name, 40), len: name.len() });
-    }
-    Ok(name.try_into().expect("length checked above"))
+    name.try_into().map_err(|_| HeaderError::NameTooLong { name: truncate(name, 40), len: name.len() })
 }
 
-fn to_field_value(name: &str, value: &Value) -> Result<FieldValue, HeaderError> {
+/// The field value and the bytes it takes after its type byte.
+fn to_field_value(name: &str, value: &Value) -> Result<(FieldValue, usize), HeaderError> {
     Ok(match value {
-        Value::Null => FieldValue::V,
-        Value::Bool(b) => FieldValue::t(*b),
-        Value::String(s) => FieldValue::from(s.as_str()),
+        Value::Null => (FieldValue::V, 0),
+        Value::Bool(b) => (FieldValue::t(*b), 1),
+        Value::String(s) => (FieldValue::from(s.as_str()), long_string_len(s)),
         Value::Number(n) => {
             if let Some(i) = n.as_i64() {
-                FieldValue::l(i)
-            } else if n.is_u64() {
-                return Err(HeaderError::NumberOutOfRange { name: truncate(name, 40), value: n.to_string() });
+                (FieldValue::l(i), 8)
+            } else if let (false, Some(f)) = (n.is_u64(), n.as_f64()) {
+                (FieldValue::d(f), 8)
             } else {
-                FieldValue::d(n.as_f64().expect("a JSON number that is not an integer is a float"))
+                return Err(HeaderError::NumberOutOfRange { name: truncate(name, 40), value: n.to_string() });
             }
         }
         Value::Array(items) => {
-            let values = items.iter().map(|v| to_field_value(name, v)).collect::<Result<Vec<_>, _>>()?;
-            FieldValue::A(values.try_into().map_err(|_| HeaderError::Json("array too long".into()))?)
+            let mut values = Vec::with_capacity(items.len());
+            let mut len = 4;
+            for item in items {
+                let (v, l) = to_field_value(name, item)?;
+                len += 1 + l;
+                values.push(v);
+            }
+            let array = values.try_into().map_err(|_| HeaderError::Json("array too long".into()))?;
+            (FieldValue::A(array), len)
         }
-        Value::Object(map) => FieldValue::F(object_to_table(map)?),
+        Value::Object(map) => {
+            let nested = object_to_table(map)?;
+            (FieldValue::F(nested.table), nested.encoded_len)
+        }
     })
 }
 
@@ -124,7 +152,8 @@ mod tests {
     fn maps_every_json_kind() {
         let t =
             build(Some(r#"{"s":"x","i":-5,"f":1.5,"b":true,"n":null,"a":[1,"y"],"o":{"k":2}}"#), None, None)
-                .unwrap();
+                .unwrap()
+                .table;
         assert!(matches!(get(&t, "s"), Some(FieldValue::S(_))));
         assert!(matches!(get(&t, "i"), Some(FieldValue::l(-5))));
         assert!(matches!(get(&t, "f"), Some(FieldValue::d(f)) if *f == 1.5));
@@ -136,11 +165,11 @@ mod tests {
 
     #[test]
     fn adds_aggregate_headers() {
-        let t = build(Some(r#"{"tenant":"t1"}"#), Some("account"), Some("123")).unwrap();
+        let t = build(Some(r#"{"tenant":"t1"}"#), Some("account"), Some("123")).unwrap().table;
         assert_eq!(String::try_from(get(&t, "aggregate_type").unwrap().clone()).unwrap(), "account");
         assert_eq!(String::try_from(get(&t, "aggregate_id").unwrap().clone()).unwrap(), "123");
         assert!(get(&t, "tenant").is_some());
-        let none = build(None, None, None).unwrap();
+        let none = build(None, None, None).unwrap().table;
         assert!(get(&none, "aggregate_id").is_none());
     }
 

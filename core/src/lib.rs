@@ -7,13 +7,16 @@
 
 pub mod broker_url;
 pub mod headers;
+pub mod locks;
 pub mod message;
 pub mod ordering;
+pub mod outcome;
 pub mod publisher;
 pub mod retry;
 pub mod validate;
 
 pub use broker_url::BrokerUrl;
 pub use message::OutboxMessage;
-pub use publisher::{BatchReport, FailureKind, Outcome, Publisher, PublisherConfig};
+pub use outcome::{FailureKind, Outcome};
+pub use publisher::{Publisher, PublisherConfig};
 pub use retry::{Backoff, RetryPolicy};

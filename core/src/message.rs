@@ -35,6 +35,27 @@ pub struct Envelope {
     pub exchange: String,
     pub routing_key: String,
     pub properties: BasicProperties,
+    /// Bytes of the content header frame that carries the properties. It must fit in one
+    /// frame (`frame_max`); the body is split into as many frames as it needs.
+    pub header_frame_len: usize,
+}
+
+/// Bytes of the content header frame of a message with these properties: the frame's own 8
+/// (type, channel, size, end), class, weight and body size (12), the property flags (2), and
+/// the properties every message carries: message id, type, content type, delivery mode,
+/// timestamp, app id, and the headers when there are any. AMQP 0-9-1 requires the whole frame
+/// to fit in `frame_max`; RabbitMQ closes the connection (501 FRAME_ERROR) otherwise.
+pub fn header_frame_len(message_id: &str, event_type: &str, headers_encoded_len: Option<usize>) -> usize {
+    let short = |s: &str| 1 + s.len();
+    8 + 12
+        + 2
+        + short(message_id)
+        + short(event_type)
+        + short(CONTENT_TYPE)
+        + 1
+        + 8
+        + short(APP_ID)
+        + headers_encoded_len.unwrap_or(0)
 }
 
 /// The key that orders events: events with the same key are published in commit order.
@@ -55,11 +76,14 @@ impl OutboxMessage {
         check_short_str("routing_key", routing_key)?;
         check_short_str("event_type", &self.event_type)?;
         check_short_str("message_id", &self.message_id)?;
-        let table = headers::build(
+        let headers = headers::build(
             self.headers.as_deref(),
             self.aggregate_type.as_deref(),
             self.aggregate_id.as_deref(),
         )?;
+        let has_headers = !headers.table.as_ref().is_empty();
+        let header_frame_len =
+            header_frame_len(&self.message_id, &self.event_type, has_headers.then_some(headers.encoded_len));
         let mut properties = BasicProperties::default();
         properties
             .with_message_id(&self.message_id)
@@ -68,13 +92,14 @@ impl OutboxMessage {
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
             .with_timestamp(self.created_at_unix)
             .with_app_id(APP_ID);
-        if !table.as_ref().is_empty() {
-            properties.with_headers(table);
+        if has_headers {
+            properties.with_headers(headers.table);
         }
         Ok(Envelope {
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
             properties: properties.finish(),
+            header_frame_len,
         })
     }
 }
@@ -116,6 +141,19 @@ mod tests {
         let h = p.headers().unwrap();
         for k in ["tenant", "aggregate_type", "aggregate_id"] {
             assert!(h.get(&k.try_into().unwrap()).is_some(), "{k}");
+        }
+    }
+
+    #[test]
+    fn the_header_frame_length_is_what_goes_on_the_wire() {
+        let mut m = sample(7, Some("a1"));
+        m.headers =
+            Some(r#"{"s":"x","i":-5,"f":1.5,"b":true,"n":null,"a":[1,"y",[false]],"o":{"k":"é"}}"#.into());
+        for m in [m.clone(), sample(8, None)] {
+            let e = m.envelope("outbox").unwrap();
+            let properties = amqp_serde::to_bytes(&e.properties).unwrap();
+            // frame header 7 + class, weight, body size 12 + properties (flags included) + end 1
+            assert_eq!(e.header_frame_len, 7 + 12 + properties.len() + 1, "{m:?}");
         }
     }
 

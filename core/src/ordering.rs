@@ -11,77 +11,8 @@
 //! Messages without an aggregate are limited by the window only.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::hash::Hash;
-
-/// The key of the transaction-level lock that serializes writers of one aggregate, so that
-/// its events get ids in commit order. The same in every backend (SipHash with fixed keys);
-/// distinct aggregates share a key only by a 64-bit hash collision, which costs some waiting
-/// and nothing else.
-pub fn aggregate_lock_key(aggregate_type: Option<&str>, aggregate_id: &str) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    match aggregate_type {
-        Some(t) => {
-            h.write_u8(1);
-            h.write(t.as_bytes());
-        }
-        None => h.write_u8(0),
-    }
-    h.write_u8(0xff);
-    h.write(aggregate_id.as_bytes());
-    h.finish()
-}
-
-/// Distinct aggregates a transaction locks one by one; beyond this it locks buckets.
-pub const FINE_LOCKS_PER_TRANSACTION: usize = 32;
-/// Buckets of aggregates for transactions that write many aggregates.
-pub const LOCK_BUCKETS: u64 = 256;
-
-/// A lock `outbox.publish` takes, held until the transaction ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AggregateLock {
-    /// The aggregate's own lock, exclusive.
-    Aggregate(u64),
-    /// A bucket of aggregates: shared beside an aggregate lock, exclusive in place of them.
-    Bucket { bucket: u32, exclusive: bool },
-}
-
-/// Which locks serialize the writers of an aggregate, per transaction.
-///
-/// The first [`FINE_LOCKS_PER_TRANSACTION`] distinct aggregates of a transaction each get their
-/// own exclusive lock, plus their bucket's lock in share mode. A transaction that writes more
-/// aggregates than that (a bulk import) takes the buckets of the further ones exclusively
-/// instead, so one transaction never holds more than 2 × 32 + 256 locks, however many
-/// aggregates it writes (Postgres' lock table is small). Writers of one aggregate always meet
-/// on a conflicting lock: two fine writers on the aggregate lock, a fine and a bulk writer on
-/// the bucket (share against exclusive), two bulk writers on the bucket.
-#[derive(Debug, Default)]
-pub struct TransactionLocks {
-    fine: std::collections::HashSet<u64>,
-    bulk: bool,
-}
-
-impl TransactionLocks {
-    /// The locks to acquire for an event of aggregate `key`, in this order. Acquiring a lock
-    /// the transaction already holds is cheap, so they are always all returned.
-    pub fn plan(&mut self, key: u64) -> Vec<AggregateLock> {
-        let bucket = (key % LOCK_BUCKETS) as u32;
-        if self.fine.contains(&key) || (!self.bulk && self.fine.len() < FINE_LOCKS_PER_TRANSACTION) {
-            self.fine.insert(key);
-            vec![AggregateLock::Bucket { bucket, exclusive: false }, AggregateLock::Aggregate(key)]
-        } else {
-            self.bulk = true;
-            vec![AggregateLock::Bucket { bucket, exclusive: true }]
-        }
-    }
-
-    /// At the end of the transaction.
-    pub fn reset(&mut self) {
-        self.fine.clear();
-        self.bulk = false;
-    }
-}
 
 /// Where a message stands in the dispatcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +29,8 @@ pub enum Slot {
 struct Group {
     in_flight: bool,
     waiting: VecDeque<u64>,
-    /// A message of the group failed; everything after it is blocked until [`Dispatcher::release`].
+    /// A message of the group failed; everything after it is blocked until
+    /// [`Dispatcher::release_aggregate`].
     poisoned: bool,
 }
 
@@ -112,6 +44,10 @@ pub struct Dispatcher<K: Hash + Eq + Clone> {
     ready: BinaryHeap<Reverse<u64>>,
     in_flight: usize,
     window: usize,
+    /// Messages to publish alone: released only when nothing else is unconfirmed, and nothing
+    /// else is released while one of them is.
+    alone: HashSet<u64>,
+    alone_in_flight: bool,
 }
 
 impl<K: Hash + Eq + Clone> Dispatcher<K> {
@@ -123,12 +59,15 @@ impl<K: Hash + Eq + Clone> Dispatcher<K> {
             ready: BinaryHeap::new(),
             in_flight: 0,
             window: window.max(1),
+            alone: HashSet::new(),
+            alone_in_flight: false,
         }
     }
 
     /// Adds a message; returns its sequence number and where it stands. A message pushed
-    /// into a poisoned aggregate is `Blocked` at once (and settled).
-    pub fn push(&mut self, key: Option<K>) -> (u64, Slot) {
+    /// into a poisoned aggregate is `Blocked` at once (and settled). With `alone`, the message
+    /// is published with nothing else unconfirmed.
+    pub fn push(&mut self, key: Option<K>, alone: bool) -> (u64, Slot) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let slot = match &key {
@@ -157,18 +96,28 @@ impl<K: Hash + Eq + Clone> Dispatcher<K> {
             }
             _ => {}
         }
+        if alone && slot != Slot::Blocked {
+            self.alone.insert(seq);
+        }
         (seq, slot)
     }
 
     /// The next message to publish, if the window allows one and one is ready.
     pub fn release(&mut self) -> Option<u64> {
-        if self.in_flight >= self.window {
+        if self.in_flight >= self.window || self.alone_in_flight {
             return None;
         }
-        let Reverse(seq) = self.ready.pop()?;
+        let &Reverse(seq) = self.ready.peek()?;
+        let alone = self.alone.contains(&seq);
+        if alone && self.in_flight > 0 {
+            // Row order holds: what comes after it waits too.
+            return None;
+        }
+        self.ready.pop();
         if let Some(entry) = self.slots.get_mut(&seq) {
             entry.1 = Slot::InFlight;
         }
+        self.alone_in_flight = alone;
         self.in_flight += 1;
         Some(seq)
     }
@@ -182,43 +131,47 @@ impl<K: Hash + Eq + Clone> Dispatcher<K> {
         self.in_flight
     }
 
-    /// The broker confirmed `seq`: the next message of its aggregate becomes ready.
-    pub fn confirmed(&mut self, seq: u64) {
-        let key = self.settle(seq);
+    /// The broker confirmed `seq`: the next message of its aggregate becomes ready. Returns
+    /// false (and changes nothing) when `seq` was not in flight.
+    pub fn confirmed(&mut self, seq: u64) -> bool {
+        let Some(key) = self.settle(seq) else { return false };
         if let Some(k) = key {
-            let group = self.groups.get_mut(&k).expect("a group for every keyed message");
-            match group.waiting.pop_front() {
-                Some(next) => {
-                    if let Some(entry) = self.slots.get_mut(&next) {
-                        entry.1 = Slot::Ready;
+            if let Some(group) = self.groups.get_mut(&k) {
+                match group.waiting.pop_front() {
+                    Some(next) => {
+                        if let Some(entry) = self.slots.get_mut(&next) {
+                            entry.1 = Slot::Ready;
+                        }
+                        self.ready.push(Reverse(next));
                     }
-                    self.ready.push(Reverse(next));
-                }
-                None => {
-                    group.in_flight = false;
-                    if !group.poisoned {
-                        self.groups.remove(&k);
+                    None => {
+                        group.in_flight = false;
+                        if !group.poisoned {
+                            self.groups.remove(&k);
+                        }
                     }
                 }
             }
         }
+        true
     }
 
     /// `seq` failed: the rest of its aggregate is blocked (returned, settled) and the
-    /// aggregate stays poisoned until [`Dispatcher::release`].
-    pub fn failed(&mut self, seq: u64) -> Vec<u64> {
-        let key = self.settle(seq);
+    /// aggregate stays poisoned until [`Dispatcher::release_aggregate`]. Returns `None` when
+    /// `seq` was not in flight.
+    pub fn failed(&mut self, seq: u64) -> Option<Vec<u64>> {
+        let key = self.settle(seq)?;
         let mut blocked = Vec::new();
-        if let Some(k) = key {
-            let group = self.groups.get_mut(&k).expect("a group for every keyed message");
+        if let Some(group) = key.and_then(|k| self.groups.get_mut(&k)) {
             group.in_flight = false;
             group.poisoned = true;
             blocked.extend(group.waiting.drain(..));
-            for b in &blocked {
-                self.slots.remove(b);
-            }
         }
-        blocked
+        for b in &blocked {
+            self.slots.remove(b);
+            self.alone.remove(b);
+        }
+        Some(blocked)
     }
 
     /// The failure of `key` is on record: later messages of the aggregate may be pushed again.
@@ -237,15 +190,24 @@ impl<K: Hash + Eq + Clone> Dispatcher<K> {
         all.sort_unstable();
         self.groups.clear();
         self.ready.clear();
+        self.alone.clear();
+        self.alone_in_flight = false;
         self.in_flight = 0;
         all
     }
 
-    fn settle(&mut self, seq: u64) -> Option<K> {
-        let (key, slot) = self.slots.remove(&seq).expect("settling a message that is not unsettled");
-        assert_eq!(slot, Slot::InFlight, "message {seq} settled while {slot:?}");
+    /// Takes an in-flight message out; its key. `None` if it was not in flight.
+    fn settle(&mut self, seq: u64) -> Option<Option<K>> {
+        match self.slots.get(&seq) {
+            Some((_, Slot::InFlight)) => {}
+            _ => return None,
+        }
+        let (key, _) = self.slots.remove(&seq)?;
+        if self.alone.remove(&seq) {
+            self.alone_in_flight = false;
+        }
         self.in_flight -= 1;
-        key
+        Some(key)
     }
 }
 
@@ -254,7 +216,7 @@ mod tests {
     use super::*;
 
     fn push_all(d: &mut Dispatcher<char>, spec: &str) -> Vec<u64> {
-        spec.chars().map(|c| d.push(if c == '-' { None } else { Some(c) }).0).collect()
+        spec.chars().map(|c| d.push(if c == '-' { None } else { Some(c) }, false).0).collect()
     }
 
     fn drain(d: &mut Dispatcher<char>) -> Vec<u64> {
@@ -303,17 +265,49 @@ mod tests {
         let mut d = Dispatcher::new(10);
         push_all(&mut d, "abaab");
         assert_eq!(drain(&mut d), vec![0, 1]);
-        assert_eq!(d.failed(0), vec![2, 3]);
+        assert_eq!(d.failed(0), Some(vec![2, 3]));
         d.confirmed(1);
         assert_eq!(drain(&mut d), vec![4]);
         // Pushed later, before the failure is on record: blocked at once.
-        assert_eq!(d.push(Some('a')).1, Slot::Blocked);
+        assert_eq!(d.push(Some('a'), false).1, Slot::Blocked);
         d.release_aggregate(&'a');
-        assert_eq!(d.push(Some('a')).1, Slot::Ready);
+        assert_eq!(d.push(Some('a'), false).1, Slot::Ready);
         d.confirmed(4);
         assert_eq!(drain(&mut d), vec![6]);
         d.confirmed(6);
         assert_eq!(d.unsettled(), 0);
+    }
+
+    #[test]
+    fn a_message_marked_alone_goes_with_nothing_else_unconfirmed() {
+        let mut d = Dispatcher::new(10);
+        d.push(None, false);
+        d.push(Some('a'), true);
+        d.push(None, false);
+        d.push(Some('b'), true);
+        assert_eq!(drain(&mut d), vec![0], "1 waits for 0, and 2 behind it");
+        d.confirmed(0);
+        assert_eq!(drain(&mut d), vec![1], "alone");
+        d.confirmed(1);
+        assert_eq!(drain(&mut d), vec![2]);
+        d.confirmed(2);
+        assert_eq!(drain(&mut d), vec![3]);
+        assert_eq!(d.failed(3), Some(vec![]));
+        d.push(None, false);
+        assert_eq!(drain(&mut d), vec![4], "a failure ends its turn alone");
+    }
+
+    #[test]
+    fn settling_what_is_not_in_flight_changes_nothing() {
+        let mut d = Dispatcher::new(10);
+        push_all(&mut d, "aa");
+        assert!(!d.confirmed(1), "waiting, not in flight");
+        assert!(!d.confirmed(7), "unknown");
+        assert_eq!(d.failed(1), None);
+        assert_eq!(drain(&mut d), vec![0]);
+        assert!(d.confirmed(0));
+        assert!(!d.confirmed(0), "twice");
+        assert_eq!(drain(&mut d), vec![1]);
     }
 
     #[test]
@@ -323,36 +317,7 @@ mod tests {
         assert_eq!(drain(&mut d), vec![0]);
         assert_eq!(d.abandon_all(), vec![0, 1, 2]);
         assert_eq!((d.unsettled(), d.in_flight()), (0, 0));
-        assert_eq!(d.push(Some('a')).1, Slot::Ready, "a fresh start");
-    }
-
-    #[test]
-    fn lock_keys_are_stable_and_unambiguous() {
-        let k = aggregate_lock_key(Some("account"), "123");
-        assert_eq!(k, aggregate_lock_key(Some("account"), "123"));
-        assert_ne!(k, aggregate_lock_key(Some("account1"), "23"));
-        assert_ne!(k, aggregate_lock_key(None, "123"));
-        assert_ne!(aggregate_lock_key(Some(""), "x"), aggregate_lock_key(None, "x"));
-    }
-
-    #[test]
-    fn many_aggregates_in_one_transaction_lock_buckets() {
-        let mut t = TransactionLocks::default();
-        for k in 0..FINE_LOCKS_PER_TRANSACTION as u64 {
-            assert!(
-                matches!(t.plan(k)[..], [AggregateLock::Bucket { exclusive: false, .. }, AggregateLock::Aggregate(x)] if x == k)
-            );
-        }
-        assert_eq!(
-            t.plan(1000),
-            vec![AggregateLock::Bucket { bucket: (1000 % LOCK_BUCKETS) as u32, exclusive: true }]
-        );
-        // An aggregate locked one by one before keeps its own lock.
-        assert!(matches!(t.plan(3)[..], [_, AggregateLock::Aggregate(3)]));
-        let buckets: std::collections::HashSet<_> = (0..100_000u64).flat_map(|k| t.plan(k + 5000)).collect();
-        assert!(buckets.len() <= LOCK_BUCKETS as usize);
-        t.reset();
-        assert!(matches!(t.plan(1000)[..], [_, AggregateLock::Aggregate(1000)]));
+        assert_eq!(d.push(Some('a'), false).1, Slot::Ready, "a fresh start");
     }
 
     #[test]
@@ -371,7 +336,7 @@ mod tests {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 if (x >> 40) % 3 == 0 {
                     if let Some(k) = to_push.next() {
-                        let (seq, _) = d.push(*k);
+                        let (seq, _) = d.push(*k, false);
                         key_of.insert(seq, *k);
                     }
                 }

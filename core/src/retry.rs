@@ -3,7 +3,7 @@
 //! Both grow exponentially with "equal jitter": half of the delay is fixed, half random, so
 //! retries spread out without ever retrying immediately.
 
-use crate::publisher::FailureKind;
+use crate::outcome::FailureKind;
 use rand::Rng;
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ impl RetryPolicy {
         match kind {
             FailureKind::Invalid => RetryDecision::DeadLetter,
             FailureKind::Timeout => RetryDecision::RetryAfter(self.delay(failed_attempts, rng)),
-            FailureKind::Nacked | FailureKind::Unroutable | FailureKind::Refused => {
+            FailureKind::Nacked | FailureKind::Unroutable | FailureKind::Refused | FailureKind::TooLarge => {
                 self.decide(failed_attempts, rng)
             }
         }

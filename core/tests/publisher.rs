@@ -2,7 +2,9 @@
 //! per-aggregate order, each outcome checked against what a consumer received.
 
 use amqprs::{FieldTable, FieldValue};
-use pg_outbox_core::publisher::{FailureKind, Outcome, Publisher, PublisherConfig};
+use pg_outbox_core::outcome::{FailureKind, Handed, Outcome};
+use pg_outbox_core::publisher::{Publisher, PublisherConfig};
+use pg_outbox_core::validate::ExchangeFilter;
 use pg_outbox_core::{BrokerUrl, OutboxMessage};
 use pg_outbox_tests::{unique, Broker, Proxy};
 use std::time::Duration;
@@ -18,6 +20,7 @@ fn config(exchange: &str) -> PublisherConfig {
         mandatory: true,
         confirm_timeout: Duration::from_secs(10),
         max_in_flight: 100,
+        allowed_exchanges: ExchangeFilter::All,
         connection_name: "pg_outbox publisher test".into(),
     }
 }
@@ -172,7 +175,7 @@ fn a_hung_broker_times_out_and_a_cut_connection_is_reported() {
     let mut publisher = rt.block_on(Publisher::connect(cfg)).unwrap();
     proxy.cut();
     let report = rt.block_on(publisher.publish_batch(vec![message(3, None, "k")]));
-    assert!(report.connection_lost.is_some(), "{report:?}");
+    assert!(report.connection_lost.as_ref().is_some_and(|l| !l.refused), "{report:?}");
     assert_ne!(report.outcomes[0], Outcome::Confirmed);
     assert!(!publisher.is_connected());
 }
@@ -190,4 +193,83 @@ fn connecting_to_nothing_fails_fast_without_the_password() {
     let text = err.to_string();
     assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
     assert!(!text.contains("s3cr3t-pw"), "{text}");
+}
+
+fn with_headers(row_id: i64, bytes: usize) -> OutboxMessage {
+    let mut m = message(row_id, None, "k");
+    m.headers = Some(format!(r#"{{"blob": "{}"}}"#, "h".repeat(bytes)));
+    m
+}
+
+#[test]
+fn headers_larger_than_a_frame_fail_before_reaching_the_broker() {
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    let (rt, mut publisher) = publisher_for(&exchange);
+    assert_eq!(publisher.frame_max(), 131_072, "RabbitMQ's default");
+    let batch = vec![message(1, None, "k"), with_headers(2, 200_000), message(3, None, "k")];
+    let report = rt.block_on(publisher.publish_batch(batch));
+    assert!(report.connection_lost.is_none(), "{report:?}");
+    assert_eq!(failed(&report.outcomes[1]), Some(FailureKind::TooLarge), "{report:?}");
+    assert_eq!((&report.outcomes[0], &report.outcomes[2]), (&Outcome::Confirmed, &Outcome::Confirmed));
+    consumer.wait_for(2, WITHIN);
+    consumer.expect_no_more(2, Duration::from_millis(300));
+}
+
+#[test]
+fn a_frame_the_broker_refuses_is_pinned_on_its_message_by_publishing_suspects_alone() {
+    // Pretending the broker takes larger frames, the publisher sends a header frame RabbitMQ
+    // refuses: it closes the whole connection (501 FRAME_ERROR) without naming a message.
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    let rt = Runtime::new().unwrap();
+    let connect = || {
+        let mut p = rt.block_on(Publisher::connect(config(&exchange))).unwrap();
+        p.pretend_frame_max(1 << 20);
+        p
+    };
+    let batch: Vec<OutboxMessage> =
+        vec![message(1, None, "k"), message(2, None, "k"), with_headers(3, 200_000), message(4, None, "k")];
+    let report = rt.block_on(connect().publish_batch(batch.clone()));
+    let lost = report.connection_lost.clone().expect("the broker closes the connection");
+    assert!(lost.refused && lost.reason.contains("501"), "{lost:?}");
+    assert!(matches!(report.outcomes[2], Outcome::Suspected { .. }), "{report:?}");
+    assert!(report.outcomes.iter().all(|o| matches!(o, Outcome::Confirmed | Outcome::Suspected { .. })));
+
+    // The suspects again, each alone: the refusal now names its message, the rest go through.
+    let mut settled = Vec::new();
+    let mut suspects: Vec<OutboxMessage> = batch
+        .iter()
+        .zip(&report.outcomes)
+        .filter(|(_, o)| matches!(o, Outcome::Suspected { .. }))
+        .map(|(m, _)| m.clone())
+        .collect();
+    while !suspects.is_empty() {
+        let handed = suspects.iter().cloned().map(|message| Handed { message, alone: true }).collect();
+        let report = rt.block_on(connect().publish_handed(handed));
+        let mut next = Vec::new();
+        for (m, o) in suspects.iter().zip(report.outcomes) {
+            match o {
+                Outcome::NotAttempted => next.push(m.clone()),
+                other => settled.push((m.row_id, other)),
+            }
+        }
+        suspects = next;
+    }
+    for (row, outcome) in settled {
+        if row == 3 {
+            assert_eq!(failed(&outcome), Some(FailureKind::Refused), "{outcome:?}");
+        } else {
+            assert_eq!(outcome, Outcome::Confirmed, "row {row}");
+        }
+    }
+    // Unconfirmed when the connection closed, a message may have arrived already: sent again,
+    // it arrives twice (at least once). The refused one never arrives.
+    consumer.wait_for(3, WITHIN);
+    std::thread::sleep(Duration::from_millis(300));
+    let ids: std::collections::BTreeSet<String> =
+        consumer.received().iter().filter_map(|d| d.message_id.clone()).collect();
+    assert_eq!(ids, ["m-1", "m-2", "m-4"].into_iter().map(String::from).collect());
 }
