@@ -1,18 +1,25 @@
 //! `outbox.publish`: validates an event and writes it to `outbox.messages` in the caller's
-//! transaction. `outbox.process_transaction` (sql/api.sql) is a procedure over it.
+//! transaction. `outbox.process_transaction` (sql/api.sql) is the same function as a procedure.
 //!
-//! A plain V1 C function rather than `#[pg_extern]`: the payload and headers arrive as raw
-//! jsonb and are only turned into text (for the size check and header validation), never
-//! parsed into a Rust value, which keeps the write path close to a bare INSERT.
+//! Plain V1 C functions rather than `#[pg_extern]`: the arguments are taken as the datums they
+//! arrive as and handed to the INSERT unchanged, so text in any database encoding is stored
+//! exactly as given; only what validation needs is looked at, as UTF-8 (see [`encoding`]).
+//!
+//! `publish` runs as the extension's owner (SECURITY DEFINER) with the caller's `search_path`.
+//! That is safe because its one statement names only schema-qualified objects, takes typed
+//! parameters, and uses no operator or function: the caller's `search_path` cannot make it
+//! resolve anything of theirs.
 
-use crate::{gucs, wakeup};
-use pg_outbox_core::ordering::{aggregate_lock_key, AggregateLock, TransactionLocks};
-use pg_outbox_core::validate::{check_event, ErrorClass, EventArgs, InvalidEvent};
+use crate::encoding::{self, NotUtf8};
+use crate::{aggregate_lock, gucs, shmem, wake};
+use pg_outbox_core::locks::aggregate_lock_key;
+use pg_outbox_core::validate::{check_event, ErrorClass, EventArgs, InvalidEvent, Limits};
 use pgrx::datum::DatumWithOid;
-use pgrx::fcinfo::{pg_getarg, pg_getarg_datum};
+use pgrx::fcinfo::pg_getarg_datum;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{direct_function_call, PgSqlErrorCode};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ffi::CStr;
 
@@ -20,19 +27,8 @@ const INSERT_EVENT: &str = "INSERT INTO outbox.messages \
     (message_id, event_type, payload, aggregate_type, aggregate_id, headers, routing_key, exchange) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
-/// Distinguishes our advisory locks from those of `pg_advisory_xact_lock`, which use 1 and 2
-/// in this field: `pg_locks.objsubid` shows 3 for an aggregate lock, 4 for a bucket lock.
-const AGGREGATE_LOCK_FIELD4: u16 = 3;
-const BUCKET_LOCK_FIELD4: u16 = 4;
-
 thread_local! {
     static INSERT_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
-    static LOCKS: RefCell<TransactionLocks> = RefCell::new(TransactionLocks::default());
-}
-
-/// Called when a transaction ends: its locks are gone.
-pub fn transaction_ended() {
-    LOCKS.with(|l| l.borrow_mut().reset());
 }
 
 #[no_mangle]
@@ -43,69 +39,86 @@ pub extern "C" fn pg_finfo_outbox_publish() -> &'static pg_sys::Pg_finfo_record 
 
 /// `outbox.publish(event_type, payload, aggregate_type, aggregate_id, headers, routing_key,
 /// exchange) RETURNS uuid`; declared in sql/api.sql.
+///
+/// # Safety
+/// Called by Postgres' function manager with the arguments declared in sql/api.sql.
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn outbox_publish(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let event_type: Option<&str> = pg_getarg(fcinfo, 0);
-    let payload = pg_getarg_datum(fcinfo, 1);
-    let aggregate_type: Option<&str> = pg_getarg(fcinfo, 2);
-    let aggregate_id: Option<&str> = pg_getarg(fcinfo, 3);
-    let headers = pg_getarg_datum(fcinfo, 4);
-    let routing_key: Option<&str> = pg_getarg(fcinfo, 5);
-    let exchange: Option<&str> = pg_getarg(fcinfo, 6);
+    // SAFETY: `fcinfo` comes from Postgres with seven arguments (sql/api.sql).
+    let arg = |n: usize| unsafe { pg_getarg_datum(fcinfo, n) };
+    let (event_type, payload, aggregate_type, aggregate_id, headers, routing_key, exchange) =
+        (arg(0), arg(1), arg(2), arg(3), arg(4), arg(5), arg(6));
 
-    let payload_text = payload.map(jsonb_text);
-    let headers_text = headers.map(jsonb_text);
-    let args = EventArgs {
-        event_type,
-        payload_bytes: payload_text.as_ref().map(|t| t.to_bytes().len()),
-        aggregate_type,
-        aggregate_id,
-        headers: headers_text.as_ref().map(|t| t.to_str().expect("jsonb text is UTF-8")),
-        routing_key,
-        exchange,
+    let payload_bytes = payload.map(|p| utf8_len(jsonb_text(p)));
+    let headers_text = headers.map(|h| utf8_or_raise(jsonb_text(h).to_bytes()).into_owned());
+    let text = |d: Option<pg_sys::Datum>| {
+        // SAFETY: these arguments are declared text: non-null datums are text values.
+        d.map(|d| utf8_or_raise(unsafe { encoding::varlena_bytes(d) }))
     };
-    if let Err(e) = check_event(&args, gucs::max_payload_bytes()) {
+    let (event_type_text, aggregate_type_text, aggregate_id_text, routing_key_text, exchange_text) =
+        (text(event_type), text(aggregate_type), text(aggregate_id), text(routing_key), text(exchange));
+    let args = EventArgs {
+        event_type: event_type_text.as_deref(),
+        payload_bytes,
+        aggregate_type: aggregate_type_text.as_deref(),
+        aggregate_id: aggregate_id_text.as_deref(),
+        headers: headers_text.as_deref(),
+        routing_key: routing_key_text.as_deref(),
+        exchange: exchange_text.as_deref(),
+    };
+    let checked = gucs::with_allowed_exchanges(|exchanges| {
+        let limits = Limits {
+            max_payload_bytes: gucs::max_payload_bytes(),
+            frame_max: shmem::frame_max() as usize,
+            exchanges,
+        };
+        check_event(&args, &limits)
+    });
+    if let Err(e) = checked {
         raise(e);
     }
 
-    if let Some(id) = aggregate_id {
-        lock_aggregate(aggregate_lock_key(aggregate_type, id));
+    if let Some(id) = args.aggregate_id {
+        aggregate_lock::lock(aggregate_lock_key(args.aggregate_type, id));
     }
     // Assign the transaction id before the row id (a sequence value). The worker relies on
     // it: every transaction holding an id is visible in snapshots from then on.
-    pg_sys::GetTopTransactionId();
+    // SAFETY: we are in a transaction (a function is being called).
+    unsafe { pg_sys::GetTopTransactionId() };
 
-    let message_id = pgrx::Uuid::from_bytes(new_message_id());
-    let jsonb = |d: Option<pg_sys::Datum>| match d {
-        Some(d) => DatumWithOid::new(d, pg_sys::JSONBOID),
-        None => DatumWithOid::null_oid(pg_sys::JSONBOID),
+    let message_id = pgrx::Uuid::from_bytes(uuid::Uuid::now_v7().into_bytes());
+    let typed = |d: Option<pg_sys::Datum>, oid: pg_sys::Oid| match d {
+        // SAFETY: the datum is the argument as Postgres passed it, of this type.
+        Some(d) => unsafe { DatumWithOid::new(d, oid) },
+        None => DatumWithOid::null_oid(oid),
     };
     let params = [
         message_id.into(),
-        event_type.into(),
-        jsonb(payload),
-        aggregate_type.into(),
-        aggregate_id.into(),
-        jsonb(headers),
-        routing_key.into(),
-        exchange.into(),
+        typed(event_type, pg_sys::TEXTOID),
+        typed(payload, pg_sys::JSONBOID),
+        typed(aggregate_type, pg_sys::TEXTOID),
+        typed(aggregate_id, pg_sys::TEXTOID),
+        typed(headers, pg_sys::JSONBOID),
+        typed(routing_key, pg_sys::TEXTOID),
+        typed(exchange, pg_sys::TEXTOID),
     ];
     INSERT_PLAN.with(|plan| {
         Spi::connect_mut(|client| {
             let mut plan = plan.borrow_mut();
-            if plan.is_none() {
-                let oids = params.iter().map(|p| p.oid().into()).collect::<Vec<_>>();
-                *plan =
-                    Some(client.prepare_mut(INSERT_EVENT, &oids).unwrap_or_else(|e| spi_failed(e)).keep());
-            }
-            client
-                .update(plan.as_ref().expect("prepared above"), None, &params)
-                .unwrap_or_else(|e| spi_failed(e));
+            let plan = match plan.as_ref() {
+                Some(p) => p,
+                None => {
+                    let oids = params.iter().map(|p| p.oid().into()).collect::<Vec<_>>();
+                    let prepared = client.prepare_mut(INSERT_EVENT, &oids).unwrap_or_else(|e| spi_failed(e));
+                    plan.insert(prepared.keep())
+                }
+            };
+            client.update(plan, None, &params).unwrap_or_else(|e| spi_failed(e));
         })
     });
-    wakeup::event_written();
-    message_id.into_datum().expect("a uuid is never null")
+    wake::event_written();
+    message_id.into_datum().unwrap_or_else(|| spi_failed(pgrx::spi::SpiError::NoTupleTable))
 }
 
 #[no_mangle]
@@ -116,61 +129,47 @@ pub extern "C" fn pg_finfo_outbox_lock_aggregate() -> &'static pg_sys::Pg_finfo_
 
 /// `outbox.lock_aggregate(aggregate_type, aggregate_id)`: the lock `publish` takes, for SQL
 /// that writes events another way (replaying dead letters). No-op without an aggregate id.
+///
+/// # Safety
+/// Called by Postgres' function manager with two text arguments.
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn outbox_lock_aggregate(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let aggregate_type: Option<&str> = pg_getarg(fcinfo, 0);
-    if let Some(id) = pg_getarg::<&str>(fcinfo, 1) {
-        lock_aggregate(aggregate_lock_key(aggregate_type, id));
+    // SAFETY: two text arguments (sql/api.sql).
+    let (aggregate_type, aggregate_id) = unsafe { (pg_getarg_datum(fcinfo, 0), pg_getarg_datum(fcinfo, 1)) };
+    // SAFETY: text datums.
+    let text = |d: Option<pg_sys::Datum>| d.map(|d| utf8_or_raise(unsafe { encoding::varlena_bytes(d) }));
+    if let Some(id) = text(aggregate_id) {
+        aggregate_lock::lock(aggregate_lock_key(text(aggregate_type).as_deref(), &id));
     }
     pg_sys::Datum::from(0)
 }
 
-/// A UUIDv7 (time-ordered) from a per-process CSPRNG seeded once by the OS, so that writing
-/// an event costs no system call.
-fn new_message_id() -> [u8; 16] {
-    use rand::RngCore;
-    let millis =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
-    let mut random = [0u8; 10];
-    rand::thread_rng().fill_bytes(&mut random);
-    *uuid::Builder::from_unix_timestamp_millis(millis as u64, &random).into_uuid().as_bytes()
-}
-
+/// The JSON text of a jsonb value, in the database's encoding.
 fn jsonb_text(datum: pg_sys::Datum) -> &'static CStr {
-    // Allocated in the function's memory context, freed with it.
+    // SAFETY: `datum` is a jsonb value; the text is allocated in the function's memory context
+    // and freed with it, after every use here.
     unsafe { direct_function_call::<&CStr>(pg_sys::jsonb_out, &[Some(datum)]) }
-        .expect("jsonb_out returns text")
+        .unwrap_or_else(|| spi_failed(pgrx::spi::SpiError::NoTupleTable))
 }
 
-/// Blocks until every other transaction that wrote this aggregate has ended; held to our
-/// own transaction's end, so the aggregate's events get ids in commit order. See
-/// [`TransactionLocks`] for which locks that takes.
-unsafe fn lock_aggregate(key: u64) {
-    for lock in LOCKS.with(|l| l.borrow_mut().plan(key)) {
-        let mut tag: pg_sys::LOCKTAG = std::mem::zeroed();
-        tag.locktag_field1 = pg_sys::MyDatabaseId.to_u32();
-        tag.locktag_type = pg_sys::LockTagType::LOCKTAG_ADVISORY as u8;
-        tag.locktag_lockmethodid = pg_sys::USER_LOCKMETHOD as u8;
-        let mode = match lock {
-            AggregateLock::Aggregate(key) => {
-                tag.locktag_field2 = (key >> 32) as u32;
-                tag.locktag_field3 = key as u32;
-                tag.locktag_field4 = AGGREGATE_LOCK_FIELD4;
-                pg_sys::ExclusiveLock
-            }
-            AggregateLock::Bucket { bucket, exclusive } => {
-                tag.locktag_field3 = bucket;
-                tag.locktag_field4 = BUCKET_LOCK_FIELD4;
-                if exclusive {
-                    pg_sys::ExclusiveLock
-                } else {
-                    pg_sys::ShareLock
-                }
-            }
-        };
-        pg_sys::LockAcquire(&tag, mode as pg_sys::LOCKMODE, false, false);
+/// Bytes of a text once in UTF-8.
+fn utf8_len(text: &CStr) -> usize {
+    if encoding::is_utf8_database() {
+        text.to_bytes().len()
+    } else {
+        utf8_or_raise(text.to_bytes()).len()
     }
+}
+
+fn utf8_or_raise(bytes: &[u8]) -> Cow<'_, str> {
+    encoding::to_utf8(bytes).unwrap_or_else(|NotUtf8(e)| {
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            format!("outbox.publish: {e}"),
+            Some("Events are sent as UTF-8; a SQL_ASCII database must hold UTF-8 text."),
+        )
+    })
 }
 
 fn spi_failed(e: pgrx::spi::SpiError) -> ! {
@@ -187,6 +186,27 @@ fn raise(e: InvalidEvent) -> ! {
         ErrorClass::InvalidParameter => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
         ErrorClass::StringTooLong => PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
         ErrorClass::LimitExceeded => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        ErrorClass::NotAllowed => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
     };
-    ereport!(ERROR, code, format!("outbox.publish: {e}"));
+    let hint = match &e {
+        InvalidEvent::PayloadTooLarge { .. } => Some("Raise outbox.max_payload_bytes, or send less."),
+        InvalidEvent::HeadersTooLarge { .. } => {
+            Some("Carry large values in the payload, not in headers or the aggregate id.")
+        }
+        InvalidEvent::ExchangeNotAllowed(_) => {
+            Some("An administrator can add the exchange to outbox.allowed_exchanges.")
+        }
+        _ => None,
+    };
+    raise_with_hint(code, format!("outbox.publish: {e}"), hint)
+}
+
+/// Raises an ERROR with a SQLSTATE and, where the user can act, a hint.
+fn raise_with_hint(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
+    let report = pgrx::pg_sys::panic::ErrorReport::new(code, message, "outbox.publish");
+    match hint {
+        Some(hint) => report.set_hint(hint).report(PgLogLevel::ERROR),
+        None => report.report(PgLogLevel::ERROR),
+    }
+    unreachable!("an ERROR does not return")
 }

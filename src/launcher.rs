@@ -66,6 +66,7 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
     };
     loop {
         if signals::take_reload() {
+            // SAFETY: the launcher's main thread, between checks.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             let target = current_target();
             if target != launcher.target {
@@ -91,6 +92,7 @@ fn current_target() -> Target {
 /// The pid of a running worker this launcher did not start, from shared memory.
 fn other_worker_pid() -> Option<i32> {
     let pid = shmem::status()?.pid;
+    // SAFETY: signal 0 only checks that the process exists.
     (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
 }
 
@@ -152,8 +154,9 @@ impl Launcher {
         .set_library("pg_outbox")
         .set_function("pg_outbox_worker_main")
         .set_argument(Some(pg_sys::Datum::from(database.to_u32())))
-        .set_extra(&role.map(|r| r.to_u32()).unwrap_or(0).to_string())
+        .set_extra(&worker::role_argument(role))
         .enable_spi_access()
+        // SAFETY: reads this process' pid.
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
         .load_dynamic();
         match started {
@@ -179,22 +182,27 @@ impl Launcher {
             let _ = handle.terminate().wait_for_shutdown();
         }
         if let Some(pid) = other_worker_pid() {
+            // SAFETY: asks a worker of ours (its pid from shared memory) to stop.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }
 }
 
-/// The oids of the target database and role, or what is missing.
-fn lookup(target: &Target) -> Result<(pg_sys::Oid, Option<pg_sys::Oid>), Waiting> {
+/// The oid of the target database, and of the target role with whether it may log in; or
+/// what is missing.
+fn lookup(target: &Target) -> Result<(pg_sys::Oid, Option<(pg_sys::Oid, bool)>), Waiting> {
+    // SAFETY: heap scans of shared catalogs inside a transaction (see `find_by_name`).
     let (database, role) = pgrx::bgworkers::BackgroundWorker::transaction(|| unsafe {
         let database =
             find_by_name(pg_sys::DatabaseRelationId, &target.database, |t: &pg_sys::FormData_pg_database| {
-                (t.oid, &t.datname)
+                ((t.oid, ()), &t.datname)
             });
         let role = target.role.as_ref().map(|r| {
-            find_by_name(pg_sys::AuthIdRelationId, r, |t: &pg_sys::FormData_pg_authid| (t.oid, &t.rolname))
+            find_by_name(pg_sys::AuthIdRelationId, r, |t: &pg_sys::FormData_pg_authid| {
+                ((t.oid, t.rolcanlogin), &t.rolname)
+            })
         });
-        (database, role)
+        (database.map(|(oid, ())| oid), role)
     });
     let database = database.ok_or_else(|| Waiting::Database(target.database.clone()))?;
     match role {
@@ -204,30 +212,38 @@ fn lookup(target: &Target) -> Result<(pg_sys::Oid, Option<pg_sys::Oid>), Waiting
     }
 }
 
-/// Scans a shared catalog (pg_database, pg_authid) for a name. A process connected to no
-/// database can read shared catalogs only by heap scans, as the autovacuum launcher does.
-unsafe fn find_by_name<T>(
+/// Scans a shared catalog (pg_database, pg_authid) for a name; what `fields` takes from the
+/// row. A process connected to no database can read shared catalogs only by heap scans, as
+/// the autovacuum launcher does.
+///
+/// # Safety
+/// Inside a transaction; `T` must be the catalog's row struct.
+unsafe fn find_by_name<T, R: Copy>(
     catalog: pg_sys::Oid,
     name: &str,
-    fields: impl Fn(&T) -> (pg_sys::Oid, &pg_sys::NameData),
-) -> Option<pg_sys::Oid> {
-    let rel = pg_sys::table_open(catalog, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-    let mut found = None;
-    loop {
-        let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-        if tuple.is_null() {
-            break;
+    fields: impl Fn(&T) -> (R, &pg_sys::NameData),
+) -> Option<R> {
+    // SAFETY: the caller holds a transaction; catalog rows are read while the scan holds
+    // their buffer, as `T` (the catalog's fixed-size row struct, after the tuple header).
+    unsafe {
+        let rel = pg_sys::table_open(catalog, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut found = None;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let header = (*tuple).t_data;
+            let row = &*(header.cast::<u8>().add((*header).t_hoff as usize).cast::<T>());
+            let (value, row_name) = fields(row);
+            if std::ffi::CStr::from_ptr(row_name.data.as_ptr()).to_bytes() == name.as_bytes() {
+                found = Some(value);
+                break;
+            }
         }
-        let header = (*tuple).t_data;
-        let row = &*(header.cast::<u8>().add((*header).t_hoff as usize).cast::<T>());
-        let (oid, row_name) = fields(row);
-        if std::ffi::CStr::from_ptr(row_name.data.as_ptr()).to_bytes() == name.as_bytes() {
-            found = Some(oid);
-            break;
-        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        found
     }
-    pg_sys::table_endscan(scan);
-    pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    found
 }

@@ -2,20 +2,23 @@
 //! the caller's transaction; a background worker publishes committed events to RabbitMQ and
 //! removes them once the broker confirms. See README.md.
 //!
-//! Modules: `api` (the write path), `gucs` (settings), `shmem` (shared status), `wakeup`
-//! (commit-time wake-up), `launcher` and `worker` (background processes), `store` (the
-//! worker's SQL), `signals` (signals, waits, I/O threads), `status` (SQL status functions).
-//! Everything that needs no Postgres lives in the `pg_outbox_core` crate.
+//! Modules: `api` (the write path) with `aggregate_lock` and `encoding`; `gucs` (settings);
+//! `shmem` (shared status); `wake` (commit-time wake-up) and `xact` (the transaction callback
+//! and utility hook every backend gets); `launcher` and `worker` (background processes);
+//! `signals` (signals, waits, I/O threads); `status` (SQL status functions). Everything that
+//! needs no Postgres lives in the `pg_outbox_core` crate.
 
+mod aggregate_lock;
 mod api;
+mod encoding;
 mod gucs;
 mod launcher;
 mod shmem;
 mod signals;
 mod status;
-mod store;
-mod wakeup;
+mod wake;
 mod worker;
+mod xact;
 
 use pgrx::prelude::*;
 
@@ -31,9 +34,11 @@ pgrx::extension_sql_file!(
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
-    wakeup::init();
+    xact::init();
+    // SAFETY: a flag Postgres sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
+        wake::init_shared_memory();
         launcher::register();
     }
 }

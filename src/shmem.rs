@@ -1,11 +1,11 @@
-//! Shared memory: the worker's status (read by `outbox.stats`) and its latch, which committing
-//! transactions set to wake it.
+//! Shared memory: the worker's status (read by `outbox.stats`) and what writers need to know
+//! of the broker. The wake-up flags live in [`crate::wake`].
 
 use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 const ERROR_BYTES: usize = 512;
 const STATE_BYTES: usize = 64;
@@ -22,10 +22,15 @@ pub struct WorkerStatus {
     pub last_publish_at: pg_sys::TimestampTz,
     pub broker_connected: bool,
     pub last_error_at: pg_sys::TimestampTz,
+    /// The latest error, in full (broker host, user and vhost; never a password): shown to
+    /// roles that may read other sessions' activity.
     last_error: [u8; ERROR_BYTES],
+    /// The same error without any detail of the broker's address, for everyone else.
+    public_error: [u8; STATE_BYTES],
     state: [u8; STATE_BYTES],
 }
 
+// SAFETY: plain data (integers and byte arrays), no pointers: valid in any process.
 unsafe impl PGRXSharedMemory for WorkerStatus {}
 
 impl Default for WorkerStatus {
@@ -41,6 +46,7 @@ impl Default for WorkerStatus {
             broker_connected: false,
             last_error_at: 0,
             last_error: [0; ERROR_BYTES],
+            public_error: [0; STATE_BYTES],
             state: [0; STATE_BYTES],
         }
     }
@@ -65,8 +71,15 @@ impl WorkerStatus {
     pub fn last_error(&self) -> Option<String> {
         get(&self.last_error)
     }
-    pub fn set_last_error(&mut self, text: Option<&str>) {
-        put(&mut self.last_error, text.unwrap_or(""));
+    pub fn public_error(&self) -> Option<String> {
+        get(&self.public_error)
+    }
+    /// Records an error: `full` for privileged readers, `public` (naming no host, user or
+    /// vhost) for everyone.
+    pub fn set_error(&mut self, full: &str, public: &str, at: pg_sys::TimestampTz) {
+        put(&mut self.last_error, full);
+        put(&mut self.public_error, public);
+        self.last_error_at = at;
     }
     pub fn state(&self) -> Option<String> {
         get(&self.state)
@@ -76,21 +89,18 @@ impl WorkerStatus {
     }
 }
 
+// SAFETY: the name is unique to this extension; initialised in `_PG_init` while preloading.
 static STATUS: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"pg_outbox_status") };
-/// `pgprocno` of the worker, or -1: the latch a commit sets.
-static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_outbox_procno") };
-/// Whether the worker wants the next commit to wake it. It arms this before each read of the
-/// outbox, and the first commit after that takes it: one wake-up per round however many
-/// transactions commit, and none while the worker could not publish anyway (no broker).
-static WAKE_WANTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_outbox_wake_wanted") };
+/// The `frame_max` the broker negotiated with the worker, 0 until it connected once.
+// SAFETY: as above.
+static FRAME_MAX: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_outbox_frame_max") };
 /// Set in the postmaster when the library is preloaded; inherited by every backend it forks.
 static AVAILABLE: AtomicBool = AtomicBool::new(false);
 
 /// Called from `_PG_init` while preloading.
 pub fn init() {
     pg_shmem_init!(STATUS = WorkerStatus::default());
-    pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
-    pg_shmem_init!(WAKE_WANTED = AtomicBool::new(false));
+    pg_shmem_init!(FRAME_MAX = AtomicU32::new(0));
     AVAILABLE.store(true, Ordering::Relaxed);
 }
 
@@ -109,42 +119,21 @@ pub fn update_status(f: impl FnOnce(&mut WorkerStatus)) {
     }
 }
 
-/// The worker announces itself (or, with `None`, leaves) so commits can wake it.
-pub fn set_worker_procno(procno: Option<i32>) {
+/// The largest frame the broker takes, as last negotiated; RabbitMQ's default until the worker
+/// has connected.
+pub fn frame_max() -> u32 {
+    let known = if available() { FRAME_MAX.get().load(Ordering::Relaxed) } else { 0 };
+    if known == 0 {
+        pg_outbox_core::publisher::DEFAULT_FRAME_MAX
+    } else {
+        known
+    }
+}
+
+pub fn set_frame_max(frame_max: u32) {
     if available() {
-        WORKER_PROCNO.get().store(procno.unwrap_or(-1), Ordering::Release);
+        FRAME_MAX.get().store(frame_max, Ordering::Relaxed);
     }
-}
-
-/// The worker: the next commit must wake me. Called before it takes the snapshot of its read,
-/// so a commit either is visible to that read or finds this armed.
-pub fn arm_wake_up() {
-    if available() {
-        WAKE_WANTED.get().store(true, Ordering::SeqCst);
-    }
-}
-
-/// The worker: commits need not wake me (I cannot publish now).
-pub fn disarm_wake_up() {
-    if available() {
-        WAKE_WANTED.get().store(false, Ordering::SeqCst);
-    }
-}
-
-/// A committing writer: the worker's procno if it wants a wake-up (which this call takes).
-pub fn take_wake_up() -> Option<i32> {
-    if !available() || !WAKE_WANTED.get().swap(false, Ordering::SeqCst) {
-        return None;
-    }
-    worker_procno()
-}
-
-pub fn worker_procno() -> Option<i32> {
-    if !available() {
-        return None;
-    }
-    let procno = WORKER_PROCNO.get().load(Ordering::Acquire);
-    (procno >= 0).then_some(procno)
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //!
 //! SIGTERM uses Postgres' own `die` handler: a worker stuck in a query is interrupted there,
 //! and between queries the loop sees `ProcDiePending` and leaves cleanly. SIGHUP only marks a
-//! reload as pending; the loop applies it between batches.
+//! reload as pending; the loop applies it between rounds. SIGINT (`pg_cancel_backend`) is
+//! ignored: the worker cancels its own statements (a statement timeout), and a cancel must
+//! not cut short a wait for synchronous standbys.
 //!
 //! Postgres code must only ever run on the process' main thread. The tokio runtime's threads
 //! are therefore created with every signal blocked, so no Postgres signal handler can run on
@@ -21,13 +23,18 @@ unsafe extern "C-unwind" {
 
 pub fn install() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SAFETY: installing handlers at process start, before any other work.
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
+        pg_sys::pqsignal(pg_sys::SIGINT as i32, Some(ignore));
     }
 }
 
+unsafe extern "C-unwind" fn ignore(_signal: std::ffi::c_int) {}
+
 /// Whether SIGTERM (shutdown, `pg_terminate_backend`) has arrived.
 pub fn stop_requested() -> bool {
+    // SAFETY: a flag set by the signal handler; read volatile, as Postgres does.
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0 }
 }
 
@@ -41,6 +48,7 @@ pub async fn stop_requested_async() {
 
 /// Whether a reload is pending; clears the flag.
 pub fn take_reload() -> bool {
+    // SAFETY: a flag set by the signal handler, read and cleared on the main thread.
     unsafe {
         let pending = std::ptr::read_volatile(&raw const pg_sys::ConfigReloadPending) != 0;
         if pending {
@@ -53,6 +61,7 @@ pub fn take_reload() -> bool {
 /// Sleeps on the latch for at most `timeout`. Returns false when the process must stop. The
 /// process exits by itself if the postmaster dies.
 pub fn wait(timeout: Duration) -> bool {
+    // SAFETY: waits on this process' latch, on the main thread.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -71,6 +80,7 @@ pub fn wait(timeout: Duration) -> bool {
 }
 
 fn block_all_signals() {
+    // SAFETY: changes the calling (runtime) thread's own signal mask.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
@@ -81,6 +91,8 @@ fn block_all_signals() {
 /// A runtime for broker I/O: one worker thread, so the connection (heartbeats, confirms) keeps
 /// running while the main thread sleeps or works in the database.
 pub fn io_runtime() -> std::io::Result<Runtime> {
+    // SAFETY: changes this thread's signal mask around the creation of the runtime's threads
+    // (which inherit it) and restores it.
     unsafe {
         // Threads inherit the creating thread's mask: block all signals while they are made.
         let mut all: libc::sigset_t = std::mem::zeroed();

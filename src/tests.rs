@@ -12,6 +12,8 @@ mod tests {
     /// Runs `sql` in a subtransaction, as a PL/pgSQL exception block would; returns the SQLSTATE
     /// it failed with, if it failed.
     fn sqlstate(sql: &str) -> Option<PgSqlErrorCode> {
+        // SAFETY: a subtransaction begun and ended here, restoring the memory context and
+        // resource owner it started in, as PL/pgSQL does for an exception block.
         unsafe {
             let cxt = pg_sys::CurrentMemoryContext;
             let owner = pg_sys::CurrentResourceOwner;
@@ -70,7 +72,8 @@ mod tests {
 
     #[pg_test]
     fn message_ids_are_unique_and_time_ordered() {
-        let ids: Vec<String> = (0..50)
+        // Many within one millisecond: still in the order they were made.
+        let ids: Vec<String> = (0..2000)
             .map(|_| {
                 Spi::get_one::<pgrx::Uuid>("SELECT outbox.publish('E', '{}')").unwrap().unwrap().to_string()
             })
@@ -78,7 +81,7 @@ mod tests {
         let mut sorted = ids.clone();
         sorted.sort();
         sorted.dedup();
-        assert_eq!(sorted.len(), 50);
+        assert_eq!(sorted, ids, "monotonic within a session");
         // UUIDv7: version nibble 7.
         assert!(ids.iter().all(|i| i.as_bytes()[14] == b'7'), "{ids:?}");
     }
@@ -101,6 +104,7 @@ mod tests {
     #[pg_test]
     fn publish_joins_the_callers_transaction() {
         // A savepoint rolled back takes its events with it.
+        // SAFETY: as in `sqlstate`.
         unsafe {
             let cxt = pg_sys::CurrentMemoryContext;
             let owner = pg_sys::CurrentResourceOwner;
@@ -165,6 +169,24 @@ mod tests {
             sqlstate("SET LOCAL outbox.max_payload_bytes = '1GB'"),
             Some(ERRCODE_INVALID_PARAMETER_VALUE)
         );
+    }
+
+    #[pg_test]
+    fn an_event_that_cannot_fit_in_one_frame_is_refused() {
+        let big = "i".repeat(140_000);
+        assert_eq!(
+            sqlstate(&format!("SELECT outbox.publish('E', '{{}}', aggregate_id => '{big}')")),
+            Some(ERRCODE_PROGRAM_LIMIT_EXCEEDED)
+        );
+        let headers = format!("{{\"blob\": \"{}\"}}", "h".repeat(140_000));
+        assert_eq!(
+            sqlstate(&format!("SELECT outbox.publish('E', '{{}}', headers => '{headers}')")),
+            Some(ERRCODE_PROGRAM_LIMIT_EXCEEDED)
+        );
+        // The payload is not in the frame's way: it is split into as many as it needs.
+        let payload = format!("{{\"blob\": \"{}\"}}", "p".repeat(500_000));
+        assert_eq!(sqlstate(&format!("SELECT outbox.publish('E', '{payload}')")), None);
+        assert_eq!(pending(), 1);
     }
 
     #[pg_test]

@@ -1,0 +1,304 @@
+//! One round of the worker, as named steps:
+//!
+//! 1. [`collect`]: take the outcomes that came back, notice a session that ended;
+//! 2. [`connect`]: make sure a publishing session runs (or wait for the back-off);
+//! 3. [`plan_read`]: decide how much to read, and arm the commit wake-up before the read;
+//! 4. in one transaction ([`db_step`]): check the table is the one the worker's state is
+//!    about, record the outcomes, move the floor, read the batch;
+//! 5. [`settle_step`]: apply what the transaction found;
+//! 6. [`make_durable`]: make the batch's transactions durable;
+//! 7. [`hand_over`]: hand the batch to the session;
+//! 8. [`decide_pause`]: how long until the next round.
+
+use super::floor::{self, Found, Work};
+use super::ledger::Outcomes;
+use super::link::Status as LinkStatus;
+use super::status::DbState;
+use super::store::{self, Batch, Generation, ReadLimits, Table};
+use super::txn::{self, DbError};
+use super::{durability, Worker, RETRY_PAUSE};
+use crate::wake;
+use pg_outbox_core::outcome::{Command, SessionEnd};
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+/// An empty outbox whose files are larger than this is truncated.
+const TRUNCATE_ABOVE_BYTES: i64 = 1024 * 1024;
+const TRUNCATE_INTERVAL: Duration = Duration::from_secs(10);
+/// A round that handled fewer rows than this is light.
+const LIGHT_ROUND_ROWS: usize = 16;
+/// Below this much room, a read only adds transactions while the session is busy.
+const MIN_READ: usize = 64;
+
+/// One round; returns how long to pause before the next (zero: go on at once).
+pub fn run(w: &mut Worker<'_>) -> Duration {
+    collect(w);
+    let connected = connect(w);
+    let read = plan_read(w, connected);
+    let outcomes = w.ledger.take_outcomes();
+    let floor_work = w.floor.work(Instant::now());
+    let step = db_step(w, &outcomes, floor_work, read.as_ref());
+    let (generation, batch, next_retry) = match settle_step(w, step, outcomes) {
+        Ok(found) => found,
+        Err(pause) => return pause,
+    };
+    let fetched = batch.messages.len() + batch.unreadable.len();
+    if !make_durable(w, &batch) {
+        return Duration::ZERO;
+    }
+    w.last_round_light = fetched < LIGHT_ROUND_ROWS;
+    hand_over(w, batch.messages);
+    if fetched == 0 && w.ledger.in_flight() == 0 {
+        housekeeping(w, generation);
+    }
+    decide_pause(w, read.map(|r| r.rows), fetched, batch.full, next_retry, connected)
+}
+
+/// Step 1: Outcomes that came back; a session that ended (its connection may serve the next).
+fn collect(w: &mut Worker<'_>) {
+    let reports = w.link.reports();
+    w.take_reports(reports);
+    if let Some((last, end)) = w.link.ended_session(&mut w.rng) {
+        w.take_reports(last);
+        // Handed over but never read by the session: not attempted, read again.
+        w.ledger.session_ended();
+        if let SessionEnd::ConnectionLost(lost) = end {
+            w.status.broker_down(&format!("lost the broker connection: {}", w.settings.scrub(&lost.reason)));
+        }
+    }
+}
+
+/// Step 2: Whether a session runs now.
+fn connect(w: &mut Worker<'_>) -> bool {
+    match w.link.ensure_session(w.settings.publisher.as_ref(), &mut w.rng) {
+        LinkStatus::Running(None) => true,
+        LinkStatus::Running(Some(connected)) => {
+            let shown = w.settings.publisher.as_ref().map(|p| p.url.to_string()).unwrap_or_default();
+            let warning = connected.declare_warning.map(|e| w.settings.scrub(&e));
+            w.status.broker_connected(&shown, connected.frame_max, warning.as_deref());
+            true
+        }
+        LinkStatus::Down(reason) => {
+            if let Some(reason) = reason {
+                w.status.broker_down(&w.settings.scrub(&reason));
+            }
+            false
+        }
+    }
+}
+
+/// How much to read this round.
+pub struct Read {
+    rows: usize,
+    bytes: usize,
+}
+
+/// Step 3: How much to read, if anything. Before the read's snapshot, the wake-up is armed: a
+/// commit from now on either is seen by this read or wakes the next wait. Without a read to
+/// do, commits have nothing to wake the worker for.
+fn plan_read(w: &mut Worker<'_>, connected: bool) -> Option<Read> {
+    let s = &w.settings;
+    let (rows, bytes) = w.ledger.room(s.max_in_flight + s.batch_size, s.max_in_flight_bytes);
+    let read = connected && rows >= s.batch_size.min(MIN_READ) && bytes > 0;
+    if read {
+        wake::arm();
+        Some(Read { rows: rows.min(w.read_limit).max(1), bytes })
+    } else {
+        wake::disarm();
+        None
+    }
+}
+
+/// What the round's transaction found.
+enum Step {
+    /// The outbox is not there to use.
+    NotReady(Table),
+    /// The outbox is another table than the one the worker's state is about.
+    NewGeneration(Generation),
+    Done {
+        generation: Generation,
+        floor: Option<Found>,
+        batch: Batch,
+        next_retry: Option<Duration>,
+    },
+}
+
+/// Step 4: The round's transaction.
+fn db_step(
+    w: &Worker<'_>,
+    outcomes: &Outcomes,
+    floor_work: Option<Work>,
+    read: Option<&Read>,
+) -> Result<Step, DbError> {
+    let ledger = &w.ledger;
+    let expected = ledger.generation();
+    let floor_value = w.floor.value();
+    let wait_for_standbys = w.settings.wait_for_sync_standbys;
+    txn::in_transaction(AssertUnwindSafe(|| {
+        let generation = match store::table()? {
+            Table::Ready(g) => g,
+            other => return Ok(Step::NotReady(other)),
+        };
+        if expected.is_some_and(|e| e != generation) {
+            return Ok(Step::NewGeneration(generation));
+        }
+        store::record_outcomes(outcomes)?;
+        let floor = floor_work.map(floor::run_work).transpose()?;
+        let mut batch = match read {
+            Some(r) => store::read_batch(&ReadLimits {
+                rows: r.rows,
+                bytes: r.bytes,
+                floor: floor_value,
+                skip: ledger.in_flight(),
+                handed_over: &|id| ledger.is_handed_over(id),
+            })?,
+            None => Batch::default(),
+        };
+        if wait_for_standbys && !batch.messages.is_empty() {
+            batch.commit_lsn = durability::insert_lsn();
+        }
+        let next_retry = if batch.full { None } else { store::next_retry_in()? };
+        Ok(Step::Done { generation, floor, batch, next_retry })
+    }))
+}
+
+/// Step 5: Applies what the transaction found; `Err(pause)` when there is nothing to hand over.
+fn settle_step(
+    w: &mut Worker<'_>,
+    step: Result<Step, DbError>,
+    outcomes: Outcomes,
+) -> Result<(Generation, Batch, Option<Duration>), Duration> {
+    let now = Instant::now();
+    let retry = RETRY_PAUSE.min(w.settings.poll_interval);
+    match step {
+        Err(e) => {
+            // Recorded with the next round's.
+            w.ledger.restore(outcomes);
+            if e.is_timeout() {
+                w.read_limit = (w.read_limit / 2).max(1);
+            }
+            w.status.db(DbState::Failing(e));
+            Err(retry)
+        }
+        Ok(Step::NotReady(table)) => {
+            match table {
+                Table::Busy | Table::OtherVersion(_) => w.ledger.restore(outcomes),
+                // The table is gone: so are the rows, and what came back about them.
+                _ => forget(w, now),
+            }
+            let (state, pause) = match table {
+                Table::Busy => (DbState::Busy, retry),
+                Table::OtherVersion(v) => (DbState::OtherVersion(v), w.settings.poll_interval),
+                _ => (DbState::NoExtension, w.settings.poll_interval),
+            };
+            w.status.db(state);
+            Err(pause)
+        }
+        Ok(Step::NewGeneration(generation)) => {
+            forget(w, now);
+            w.ledger.for_generation(generation);
+            Err(Duration::ZERO)
+        }
+        Ok(Step::Done { generation, floor, batch, next_retry }) => {
+            w.ledger.for_generation(generation);
+            if let Some(found) = floor {
+                w.floor.found(found, now);
+            }
+            w.read_limit = (w.read_limit * 2).clamp(1, w.settings.batch_size);
+            w.status.db(DbState::Ready);
+            w.status.recorded(&outcomes);
+            if !outcomes.failed_keys.is_empty() {
+                w.link.send(Command::Release(outcomes.failed_keys));
+            }
+            let mut batch = batch;
+            for (row_id, _attempts, reason) in std::mem::take(&mut batch.unreadable) {
+                w.ledger.unreadable(row_id, reason);
+            }
+            Ok((generation, batch, next_retry))
+        }
+    }
+}
+
+/// Everything the worker knew of the outbox's rows is about a table that is gone.
+fn forget(w: &mut Worker<'_>, now: Instant) {
+    w.ledger.clear();
+    w.link.abandon_session(w.settings.reconnect_backoff_max);
+    w.floor.reset(now);
+}
+
+/// Step 6: No event reaches the broker before its transaction is durable. False: the worker must
+/// stop (the batch is not handed over; it stays in the outbox).
+fn make_durable(w: &mut Worker<'_>, batch: &Batch) -> bool {
+    if batch.messages.is_empty() {
+        return true;
+    }
+    if !w.settings.wait_for_sync_standbys {
+        durability::flush(batch.commit_lsn);
+        return true;
+    }
+    w.status.waiting_for_standbys(true);
+    let durable = durability::wait_for_sync_standbys(batch.commit_lsn);
+    w.status.waiting_for_standbys(false);
+    durable
+}
+
+/// Step 7: Gives the batch to the session.
+fn hand_over(w: &mut Worker<'_>, rows: Vec<(pg_outbox_core::OutboxMessage, usize)>) {
+    if rows.is_empty() || !w.link.is_running() {
+        return;
+    }
+    let handed = w.ledger.hand_over(rows);
+    w.link.send(Command::Publish(handed));
+}
+
+/// An empty outbox whose files grew is truncated now and then.
+fn housekeeping(w: &mut Worker<'_>, generation: Generation) {
+    if w.truncate_checked.elapsed() < TRUNCATE_INTERVAL {
+        return;
+    }
+    w.truncate_checked = Instant::now();
+    match txn::in_transaction(|| store::truncate_if_empty(generation, TRUNCATE_ABOVE_BYTES)) {
+        Ok(true) => pgrx::debug1!("pg_outbox: truncated the empty outbox to give its space back"),
+        Ok(false) => {}
+        Err(e) => w.status.housekeeping_failed("truncate the empty outbox", &e),
+    }
+}
+
+/// Step 8: How long to pause before the next round.
+fn decide_pause(
+    w: &Worker<'_>,
+    limit: Option<usize>,
+    fetched: usize,
+    full: bool,
+    next_retry: Option<Duration>,
+    connected: bool,
+) -> Duration {
+    if fetched > 0 && (full || limit == Some(fetched)) {
+        return Duration::ZERO;
+    }
+    if w.ledger.has_outcomes() {
+        // Outcomes arrived meanwhile (or unreadable rows wait to be dead-lettered).
+        return Duration::ZERO;
+    }
+    let mut pause = w.settings.poll_interval;
+    if let Some(due) = next_retry {
+        pause = pause.min(due.max(Duration::from_millis(10)));
+    }
+    if !connected {
+        pause = pause.min(w.link.reconnect.next_attempt().saturating_duration_since(Instant::now()));
+    }
+    pause
+}
+
+/// On exit: records what came back, if the table is still the one it is about.
+pub fn record_on_exit(w: &mut Worker<'_>) {
+    let outcomes = w.ledger.take_outcomes();
+    let expected = w.ledger.generation();
+    let recorded = txn::in_transaction(AssertUnwindSafe(|| match store::table()? {
+        Table::Ready(g) if Some(g) == expected => store::record_outcomes(&outcomes).map(|_| true),
+        _ => Ok(false),
+    }));
+    if let Ok(true) = recorded {
+        w.status.recorded(&outcomes);
+    }
+}

@@ -1,0 +1,94 @@
+//! The worker's database session: whom it connects as, and the settings it pins.
+//!
+//! `ALTER DATABASE ... SET` and `ALTER ROLE ... SET` apply to a background worker like to any
+//! session, and a database owner may set most of them. None of them may change what the
+//! worker's SQL means or stop it: after connecting, the worker sets these for its session,
+//! which outranks database and role settings.
+
+use pgrx::pg_sys;
+use std::ffi::CString;
+
+/// The settings the worker's session always has.
+pub const PINNED: &[(&str, &str)] = &[
+    // Only the extension's own objects and Postgres' catalog resolve (with schema-qualified
+    // names everywhere): nothing another role creates can capture an operator, a function
+    // or a type.
+    ("search_path", "pg_catalog, pg_temp"),
+    // Not the privileges of another role a database setting names.
+    ("role", "none"),
+    ("default_transaction_read_only", "off"),
+    ("default_transaction_isolation", "read committed"),
+    ("default_transaction_deferrable", "off"),
+    // Its own bookkeeping commits need not wait for a flush: a lost delete only means a
+    // duplicate. (Events are made durable before they are published; see `durability`.)
+    ("synchronous_commit", "off"),
+    ("lock_timeout", "5s"),
+    ("idle_in_transaction_session_timeout", "0"),
+    // Plans must not depend on the table's size when they were made: every execution is
+    // planned afresh, and no plan of the worker reads the outbox sequentially (an empty,
+    // just-analyzed outbox must not give a plan that is quadratic in a burst).
+    ("plan_cache_mode", "force_custom_plan"),
+    ("enable_seqscan", "off"),
+    ("enable_indexscan", "on"),
+    ("enable_indexonlyscan", "on"),
+    ("enable_bitmapscan", "on"),
+    ("enable_nestloop", "on"),
+    ("enable_hashjoin", "on"),
+    ("enable_mergejoin", "on"),
+    ("enable_sort", "on"),
+    ("enable_hashagg", "on"),
+    ("enable_material", "on"),
+    ("jit", "off"),
+    ("max_parallel_workers_per_gather", "0"),
+    ("row_security", "on"),
+    ("application_name", "pg_outbox worker"),
+];
+
+/// Connects to `database`. As `role` directly when it may log in; a role without LOGIN (a
+/// background worker authenticates nobody, and PostgreSQL before 17 has no way to skip the
+/// check) is taken on right after connecting as the bootstrap superuser.
+pub fn connect(database: pg_sys::Oid, role: Option<(pg_sys::Oid, bool)>) {
+    match role {
+        Some((role, true)) => {
+            // SAFETY: the background worker's one connection, before anything else.
+            unsafe { pg_sys::BackgroundWorkerInitializeConnectionByOid(database, role, 0) }
+        }
+        Some((role, false)) => {
+            // SAFETY: as above; then, outside any transaction, the session becomes the role
+            // (a committed lookup first tells whether it is a superuser).
+            unsafe {
+                pg_sys::BackgroundWorkerInitializeConnectionByOid(database, pg_sys::InvalidOid, 0);
+                set("role", "none");
+                pg_sys::StartTransactionCommand();
+                let is_superuser = pg_sys::superuser_arg(role);
+                pg_sys::CommitTransactionCommand();
+                pg_sys::SetSessionAuthorization(role, is_superuser);
+            }
+        }
+        None => {
+            // SAFETY: as above, as the bootstrap superuser.
+            unsafe { pg_sys::BackgroundWorkerInitializeConnectionByOid(database, pg_sys::InvalidOid, 0) }
+        }
+    }
+}
+
+/// Sets the [`PINNED`] settings for the session. Outside any transaction.
+pub fn pin() {
+    for (name, value) in PINNED {
+        set(name, value);
+    }
+}
+
+fn set(name: &str, value: &str) {
+    let (Ok(name), Ok(value)) = (CString::new(name), CString::new(value)) else { return };
+    // SAFETY: valid settings and values (a fixed list); as a session setting it outranks
+    // database and role settings. Outside a transaction it stays for the session.
+    unsafe {
+        pg_sys::SetConfigOption(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        )
+    }
+}

@@ -1,0 +1,54 @@
+//! The worker's settings, read once per reload into one snapshot.
+
+use crate::gucs;
+use pg_outbox_core::publisher::PublisherConfig;
+use pg_outbox_core::retry::RetryPolicy;
+use pgrx::pg_sys;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// `None` while `outbox.amqp_url` is not set.
+    pub publisher: Option<PublisherConfig>,
+    pub batch_size: usize,
+    pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
+    pub poll_interval: Duration,
+    pub retry: RetryPolicy,
+    pub reconnect_backoff_max: Duration,
+    pub wait_for_sync_standbys: bool,
+}
+
+impl Settings {
+    pub fn read() -> Settings {
+        // SAFETY: reads this process' pid.
+        let pid = unsafe { pg_sys::MyProcPid };
+        Settings {
+            publisher: gucs::amqp_url().map(|url| PublisherConfig {
+                url,
+                default_exchange: gucs::exchange(),
+                declare_default_exchange: gucs::declare_exchange(),
+                mandatory: gucs::unroutable_is_failure(),
+                confirm_timeout: gucs::confirm_timeout(),
+                max_in_flight: gucs::max_in_flight(),
+                allowed_exchanges: gucs::allowed_exchanges(),
+                connection_name: format!("pg_outbox worker (pid {pid})"),
+            }),
+            batch_size: gucs::batch_size(),
+            max_in_flight: gucs::max_in_flight(),
+            max_in_flight_bytes: gucs::max_in_flight_bytes(),
+            poll_interval: gucs::poll_interval(),
+            retry: gucs::retry_policy(),
+            reconnect_backoff_max: gucs::reconnect_backoff_max(),
+            wait_for_sync_standbys: gucs::wait_for_sync_standbys(),
+        }
+    }
+
+    /// Removes the broker's password from a text that may have picked it up.
+    pub fn scrub(&self, text: &str) -> String {
+        match &self.publisher {
+            Some(p) => p.url.scrub(text),
+            None => text.to_string(),
+        }
+    }
+}

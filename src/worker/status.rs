@@ -1,0 +1,199 @@
+//! What the worker tells the world: one log line per change of state (never one per attempt),
+//! and its status in shared memory for `outbox.stats`. Errors are recorded twice: in full
+//! (the broker's host, user and vhost, never a password) for privileged readers, and as a
+//! summary that names no address for everyone else.
+
+use super::ledger::Outcomes;
+use super::store::SCHEMA_VERSION;
+use super::txn::DbError;
+use crate::shmem;
+use pgrx::prelude::*;
+use std::collections::HashSet;
+
+/// Anything about the database that keeps the worker from publishing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbState {
+    Ready,
+    NoExtension,
+    OtherVersion(String),
+    /// Someone holds the table (DROP EXTENSION, say): not worth a log line.
+    Busy,
+    Failing(DbError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BrokerState {
+    Unknown,
+    Connected,
+    Unavailable,
+}
+
+/// At most this many distinct failure texts are logged between two clean rounds.
+const DISTINCT_FAILURES_LOGGED: usize = 100;
+
+pub struct Status {
+    db: DbState,
+    broker: BrokerState,
+    failures_logged: HashSet<String>,
+    housekeeping_logged: HashSet<String>,
+}
+
+fn now() -> pg_sys::TimestampTz {
+    // SAFETY: reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+impl Status {
+    /// The worker started in `database`.
+    pub fn starting(database: pg_sys::Oid) -> Status {
+        // SAFETY: reads this process' pid.
+        let pid = unsafe { pg_sys::MyProcPid };
+        shmem::update_status(|s| {
+            *s = shmem::WorkerStatus::default();
+            s.pid = pid;
+            s.database_oid = database.to_u32();
+            s.started_at = now();
+            s.set_state("starting");
+        });
+        Status {
+            db: DbState::Ready,
+            broker: BrokerState::Unknown,
+            failures_logged: HashSet::new(),
+            housekeeping_logged: HashSet::new(),
+        }
+    }
+
+    pub fn stopped() {
+        shmem::update_status(|s| {
+            s.pid = 0;
+            s.broker_connected = false;
+            s.set_state("stopped");
+        });
+    }
+
+    pub fn broker_connected(&mut self, shown_url: &str, frame_max: u32, declare_warning: Option<&str>) {
+        if let Some(w) = declare_warning {
+            warning!("pg_outbox: {w}");
+        }
+        if self.broker != BrokerState::Connected {
+            log!("pg_outbox: connected to {shown_url}");
+        }
+        self.broker = BrokerState::Connected;
+        shmem::set_frame_max(frame_max);
+        shmem::update_status(|s| {
+            s.broker_connected = true;
+            s.set_state("running");
+        });
+    }
+
+    /// `reason` in full (it may name the broker's address; never its password).
+    pub fn broker_down(&mut self, reason: &str) {
+        if self.broker != BrokerState::Unavailable {
+            warning!("pg_outbox: broker unavailable, retrying with back-off: {reason}");
+        }
+        self.broker = BrokerState::Unavailable;
+        let at = now();
+        shmem::update_status(|s| {
+            s.broker_connected = false;
+            s.set_state("waiting for broker");
+            s.set_error(reason, "the broker is unavailable", at);
+        });
+    }
+
+    pub fn db(&mut self, state: DbState) {
+        if state == self.db {
+            return;
+        }
+        match &state {
+            DbState::Ready => log!("pg_outbox: outbox ready, publishing"),
+            DbState::NoExtension => log!("pg_outbox: waiting for CREATE EXTENSION pg_outbox in this database"),
+            DbState::OtherVersion(v) => warning!(
+                "pg_outbox: the extension is at version {v} but the library is {SCHEMA_VERSION}; run ALTER EXTENSION pg_outbox UPDATE"
+            ),
+            DbState::Busy => {}
+            DbState::Failing(e) => warning!("pg_outbox: database step failed, retrying: {e}"),
+        }
+        let label = match &state {
+            DbState::Ready | DbState::Busy => None,
+            DbState::NoExtension => Some("waiting for extension"),
+            DbState::OtherVersion(_) => Some("waiting for extension update"),
+            DbState::Failing(_) => Some("database error"),
+        };
+        let connected = self.broker == BrokerState::Connected;
+        let at = now();
+        shmem::update_status(|s| {
+            match label {
+                Some(l) => s.set_state(l),
+                None if connected => s.set_state("running"),
+                None => {}
+            }
+            if let DbState::Failing(e) = &state {
+                s.set_error(&e.to_string(), &format!("database step failed (SQLSTATE {})", e.sqlstate()), at);
+            }
+        });
+        if state != DbState::Busy {
+            self.db = state;
+        }
+    }
+
+    /// Shown while the worker waits for synchronous standbys to confirm a batch.
+    pub fn waiting_for_standbys(&mut self, waiting: bool) {
+        let connected = self.broker == BrokerState::Connected;
+        shmem::update_status(|s| match (waiting, connected) {
+            (true, _) => s.set_state("waiting for synchronous standbys"),
+            (false, true) => s.set_state("running"),
+            (false, false) => {}
+        });
+    }
+
+    /// A message failed (`kind` names how, `error` says all).
+    pub fn failed_attempt(&mut self, kind: &str, error: &str) {
+        let at = now();
+        shmem::update_status(|s| {
+            s.failed_attempts_total += 1;
+            s.set_error(error, &format!("publishing failed: {kind}"), at);
+        });
+    }
+
+    /// Counts what the database recorded; logs failed attempts once per distinct error, and
+    /// each dead letter.
+    pub fn recorded(&mut self, outcomes: &Outcomes) {
+        let published = outcomes.confirmed.len();
+        if published > 0 {
+            let at = now();
+            shmem::update_status(|s| {
+                s.published_total += published as i64;
+                s.last_publish_at = at;
+            });
+        }
+        if outcomes.failures.is_empty() && published > 0 {
+            self.failures_logged.clear();
+        }
+        let mut dead = 0;
+        for f in &outcomes.failures {
+            if f.retry_after.is_none() {
+                dead += 1;
+                warning!(
+                    "pg_outbox: event (row {}) moved to outbox.dead_letters after its last attempt: {}",
+                    f.row_id,
+                    f.error
+                );
+            } else if self.failures_logged.len() < DISTINCT_FAILURES_LOGGED
+                && self.failures_logged.insert(f.error.clone())
+            {
+                log!("pg_outbox: publishing failed, will retry: {}", f.error);
+            }
+        }
+        if dead > 0 {
+            shmem::update_status(|s| s.dead_lettered_total += dead);
+        }
+    }
+
+    /// Housekeeping that failed: worth a line, once per kind of failure.
+    pub fn housekeeping_failed(&mut self, what: &str, e: &DbError) {
+        let key = format!("{what}: {}", e.sqlstate());
+        if self.housekeeping_logged.insert(key) {
+            warning!("pg_outbox: could not {what}: {e}");
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The worker's SQL: which outbox it is looking at, reading a batch, and recording what
+//! happened to what it read. Everything here runs inside a transaction opened by
+//! [`super::txn`], with the worker's pinned `search_path` (`pg_catalog, pg_temp`) and
+//! schema-qualified names, so it resolves only the extension's own objects.
+//!
+//! A batch is read in row order, skipping rows waiting for a retry and every later row of an
+//! aggregate that has a row waiting for a retry: an aggregate's events never overtake each
+//! other. Both checks use a small partial index that only holds retrying rows.
+
+use super::ledger::{Failure, Outcomes};
+use super::txn::DbError;
+use crate::encoding;
+use pg_outbox_core::message::OutboxMessage;
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+/// The schema version this library's SQL expects (`pg_extension.extversion`).
+pub const SCHEMA_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+const EXTENSION_VERSION: &str = "SELECT e.extversion::text FROM pg_catalog.pg_extension e WHERE e.oid = $1";
+
+// The next publishable rows above the floor ($2), in row order. Payload and headers come as
+// stored (maybe still toasted): rows already handed over cost little to skip, and the size of
+// the others is known before they are read whole.
+const SELECT_BATCH: &str = "\
+SELECT m.id, m.xmin, m.message_id::text, m.event_type, m.payload, m.aggregate_type, m.aggregate_id,
+       m.headers, m.routing_key, m.exchange,
+       CASE WHEN isfinite(m.created_at) THEN extract(epoch FROM m.created_at)::int8 END, m.attempts
+  FROM outbox.messages m
+ WHERE m.id > $2
+   AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+   AND NOT EXISTS (SELECT 1 FROM outbox.messages r
+                    WHERE r.next_attempt_at IS NOT NULL
+                      AND r.next_attempt_at > now()
+                      AND r.aggregate_id = m.aggregate_id
+                      AND r.aggregate_type IS NOT DISTINCT FROM m.aggregate_type
+                      AND r.id < m.id)
+ ORDER BY m.id
+ LIMIT $1";
+
+const DELETE_PUBLISHED: &str = "DELETE FROM outbox.messages WHERE id = ANY ($1::int8[])";
+
+const RECORD_FAILURES: &str = "\
+UPDATE outbox.messages m
+   SET attempts = m.attempts + 1,
+       next_attempt_at = now() + f.delay_ms * interval '1 millisecond',
+       last_error = f.error
+  FROM unnest($1::int8[], $2::float8[], $3::text[]) AS f(id, delay_ms, error)
+ WHERE m.id = f.id";
+
+const DEAD_LETTER: &str = "\
+WITH f AS (SELECT * FROM unnest($1::int8[], $2::text[]) AS f(id, error)),
+     moved AS (DELETE FROM outbox.messages m USING f WHERE m.id = f.id
+               RETURNING m.*, f.error AS final_error)
+INSERT INTO outbox.dead_letters
+       (message_id, event_type, payload, aggregate_type, aggregate_id, headers, routing_key,
+        exchange, created_at, attempts, last_error)
+SELECT message_id, event_type, payload, aggregate_type, aggregate_id, headers, routing_key,
+       exchange, created_at, attempts + 1, final_error
+  FROM moved";
+
+const OUTBOX_BYTES: &str =
+    "SELECT pg_relation_size('outbox.messages'::regclass) + pg_indexes_size('outbox.messages'::regclass)";
+// By index, like everything the worker reads (its session plans no sequential scans).
+const ANY_ROW: &str = "SELECT EXISTS (SELECT 1 FROM outbox.messages ORDER BY id LIMIT 1)";
+const TRUNCATE: &str = "TRUNCATE outbox.messages";
+
+const NEXT_RETRY_IN: &str = "\
+SELECT (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::int8
+  FROM outbox.messages WHERE next_attempt_at IS NOT NULL";
+
+thread_local! {
+    static PLANS: RefCell<Vec<(&'static str, OwnedPreparedStatement)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `sql` with a plan prepared once per worker and kept for its life (plans revalidate
+/// themselves when the extension is dropped and created again; the worker's session plans
+/// every execution afresh, see `session`).
+pub(super) fn run<T>(
+    client: &mut SpiClient<'_>,
+    sql: &'static str,
+    args: &[DatumWithOid],
+    read: impl FnOnce(SpiTupleTable<'_>) -> Result<T, DbError>,
+) -> Result<T, DbError> {
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        let position = match plans.iter().position(|(s, _)| *s == sql) {
+            Some(p) => p,
+            None => {
+                let oids: Vec<PgOid> = args.iter().map(|a| a.oid().into()).collect();
+                let plan = client.prepare_mut(sql, &oids)?.keep();
+                plans.push((sql, plan));
+                plans.len() - 1
+            }
+        };
+        let table = client.update(&plans[position].1, None, args)?;
+        read(table)
+    })
+}
+
+/// Which outbox rows are: the table's oid and its file. Both change when the extension is
+/// dropped and created again, and the file when the table is truncated (which may restart
+/// its row ids): state about rows read from one generation means nothing for the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation {
+    pub relid: u32,
+    pub relfilenode: u32,
+}
+
+/// What the worker found of the extension in its database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Table {
+    Missing,
+    /// Installed, but at another version than this library's (an upgrade is half done).
+    OtherVersion(String),
+    /// The table is locked by someone else (DROP EXTENSION, say): stay out of the way.
+    Busy,
+    /// Installed; the table is locked for this transaction.
+    Ready(Generation),
+}
+
+thread_local! {
+    /// The version `pg_extension` gave for an extension oid, and when.
+    static VERSION: RefCell<Option<(pg_sys::Oid, String, Instant)>> = const { RefCell::new(None) };
+}
+
+/// How long a version read for an extension oid is trusted (an `ALTER EXTENSION UPDATE` keeps
+/// the oid).
+const VERSION_RECHECK: Duration = Duration::from_secs(5);
+
+/// Finds the outbox and, when it is there, takes the lock a round needs without waiting for
+/// it. Cheap: catalog cache lookups, the lock, and a version read every few seconds.
+pub fn table() -> Result<Table, DbError> {
+    // SAFETY: catalog lookups by name inside a transaction; `missing_ok` avoids errors.
+    let extension = unsafe { pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true) };
+    if extension == pg_sys::InvalidOid {
+        return Ok(Table::Missing);
+    }
+    let version = extension_version(extension)?;
+    if version.as_deref() != Some(SCHEMA_VERSION) {
+        return Ok(version.map_or(Table::Missing, Table::OtherVersion));
+    }
+    let Some(relid) = messages_relid() else { return Ok(Table::Missing) };
+    // SAFETY: a conditional lock inside a transaction, released at its end.
+    if !unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) } {
+        return Ok(Table::Busy);
+    }
+    // Under the lock, the name still means this table (locking processed invalidations).
+    if messages_relid() != Some(relid) {
+        return Ok(Table::Busy);
+    }
+    Ok(relfilenode(relid).map_or(Table::Missing, |relfilenode| {
+        Table::Ready(Generation { relid: relid.to_u32(), relfilenode })
+    }))
+}
+
+fn extension_version(extension: pg_sys::Oid) -> Result<Option<String>, DbError> {
+    let cached = VERSION.with(|v| {
+        v.borrow()
+            .as_ref()
+            .filter(|(oid, _, at)| *oid == extension && at.elapsed() < VERSION_RECHECK)
+            .map(|(_, v, _)| v.clone())
+    });
+    if cached.is_some() {
+        return Ok(cached);
+    }
+    let version = Spi::connect_mut(|c| {
+        run(c, EXTENSION_VERSION, &[extension.into()], |t| {
+            Ok(if t.is_empty() { None } else { t.first().get::<String>(1)? })
+        })
+    })?;
+    VERSION.with(|v| *v.borrow_mut() = version.clone().map(|s| (extension, s, Instant::now())));
+    Ok(version)
+}
+
+fn messages_relid() -> Option<pg_sys::Oid> {
+    // SAFETY: catalog cache lookups by name inside a transaction.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
+        if schema == pg_sys::InvalidOid {
+            return None;
+        }
+        let relid = pg_sys::get_relname_relid(c"messages".as_ptr(), schema);
+        (relid != pg_sys::InvalidOid).then_some(relid)
+    }
+}
+
+fn relfilenode(relid: pg_sys::Oid) -> Option<u32> {
+    // SAFETY: a catalog cache lookup by oid, released before returning; the tuple is a
+    // pg_class row while held.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, relid.into());
+        if tuple.is_null() {
+            return None;
+        }
+        let header = (*tuple).t_data;
+        let form = header.cast::<u8>().add((*header).t_hoff as usize).cast::<pg_sys::FormData_pg_class>();
+        let node = (*form).relfilenode.to_u32();
+        pg_sys::ReleaseSysCache(tuple);
+        Some(node)
+    }
+}
+
+/// A batch as read.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Publishable rows, in row order, with their size in bytes.
+    pub messages: Vec<(OutboxMessage, usize)>,
+    /// Rows that cannot become a message (their text cannot be turned into UTF-8): row id,
+    /// failed attempts so far, why.
+    pub unreadable: Vec<(i64, i32, String)>,
+    /// Whether the read stopped at its row or byte limit (more may be waiting).
+    pub full: bool,
+    /// A WAL position at or after the commit record of every row taken (see `durability`).
+    pub commit_lsn: u64,
+}
+
+/// What to read: at most `rows` rows and about `bytes` bytes above `floor`, skipping rows for
+/// which `handed_over` is true (at most `skip` of them).
+pub struct ReadLimits<'a> {
+    pub rows: usize,
+    pub bytes: usize,
+    pub floor: i64,
+    pub skip: usize,
+    pub handed_over: &'a dyn Fn(i64) -> bool,
+}
+
+pub fn read_batch(limits: &ReadLimits<'_>) -> Result<Batch, DbError> {
+    Spi::connect_mut(|c| {
+        let fetch = (limits.rows + limits.skip) as i64;
+        run(c, SELECT_BATCH, &[fetch.into(), limits.floor.into()], |mut t| {
+            let mut batch = Batch::default();
+            let mut bytes = 0usize;
+            while t.next().is_some() {
+                let row_id = t.get::<i64>(1)?.unwrap_or_default();
+                if (limits.handed_over)(row_id) {
+                    continue;
+                }
+                if batch.messages.len() + batch.unreadable.len() >= limits.rows {
+                    batch.full = true;
+                    break;
+                }
+                let size = stored_size(&t, 5)? + stored_size(&t, 8)?;
+                if bytes > 0 && bytes + size > limits.bytes {
+                    batch.full = true;
+                    break;
+                }
+                bytes += size;
+                let attempts = t.get::<i32>(12)?.unwrap_or_default();
+                let xmin = t.get_datum_by_ordinal(2)?.map(|d| d.value() as u32).unwrap_or(0);
+                batch.commit_lsn = batch.commit_lsn.max(super::durability::commit_lsn(xmin));
+                match read_message(&t, row_id, attempts) {
+                    Ok(m) => batch.messages.push((m, size)),
+                    Err(reason) => batch.unreadable.push((row_id, attempts, reason)),
+                }
+            }
+            Ok(batch)
+        })
+    })
+}
+
+/// Bytes of a column's value once detoasted and decompressed, read from its header only.
+fn stored_size(t: &SpiTupleTable<'_>, ordinal: usize) -> Result<usize, DbError> {
+    Ok(match t.get_datum_by_ordinal(ordinal)? {
+        // SAFETY: a varlena datum of the current row; only its header is read.
+        Some(d) => unsafe { pg_sys::toast_raw_datum_size(d) },
+        None => 0,
+    })
+}
+
+/// The current row as a message; why not, if one of its texts cannot be read as UTF-8.
+fn read_message(t: &SpiTupleTable<'_>, row_id: i64, attempts: i32) -> Result<OutboxMessage, String> {
+    let text = |ordinal: usize, what: &str| -> Result<Option<String>, String> {
+        let datum = t.get_datum_by_ordinal(ordinal).map_err(|e| e.to_string())?;
+        datum.map(|d| utf8_text(d, false).map_err(|e| format!("{what}: {e}"))).transpose()
+    };
+    let json = |ordinal: usize, what: &str| -> Result<Option<String>, String> {
+        let datum = t.get_datum_by_ordinal(ordinal).map_err(|e| e.to_string())?;
+        datum.map(|d| utf8_text(d, true).map_err(|e| format!("{what}: {e}"))).transpose()
+    };
+    Ok(OutboxMessage {
+        row_id,
+        message_id: text(3, "message_id")?.unwrap_or_default(),
+        event_type: text(4, "event_type")?.unwrap_or_default(),
+        body: json(5, "payload")?.unwrap_or_default().into_bytes(),
+        aggregate_type: text(6, "aggregate_type")?,
+        aggregate_id: text(7, "aggregate_id")?,
+        headers: json(8, "headers")?,
+        routing_key: text(9, "routing_key")?,
+        exchange: text(10, "exchange")?,
+        created_at_unix: t.get::<i64>(11).map_err(|e| e.to_string())?.unwrap_or_default().max(0) as u64,
+        attempts,
+    })
+}
+
+/// A text (or, with `jsonb`, a jsonb value's text) as UTF-8. A conversion error of one value
+/// is that row's problem only: it is caught here, not left to abort the round.
+fn utf8_text(datum: pg_sys::Datum, jsonb: bool) -> Result<String, String> {
+    PgTryBuilder::new(|| {
+        let bytes: &[u8] = if jsonb {
+            // SAFETY: a jsonb datum; jsonb_out returns its text in the current memory context.
+            unsafe { pgrx::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(datum)]) }
+                .map(|t| t.to_bytes())
+                .unwrap_or_default()
+        } else {
+            // SAFETY: a text datum of the current row.
+            unsafe { encoding::varlena_bytes(datum) }
+        };
+        encoding::to_utf8(bytes).map(|s| s.into_owned()).map_err(|e| e.0)
+    })
+    .catch_others(|e| match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => Err(r.message().to_string()),
+        CaughtError::RustPanic { ereport, .. } => Err(ereport.message().to_string()),
+    })
+    .execute()
+}
+
+/// Records what the broker said: deletes the confirmed rows, counts failed attempts and moves
+/// exhausted events to the dead letters.
+pub fn record_outcomes(outcomes: &Outcomes) -> Result<(), DbError> {
+    if !outcomes.confirmed.is_empty() {
+        Spi::connect_mut(|c| run(c, DELETE_PUBLISHED, &[outcomes.confirmed.clone().into()], |_| Ok(())))?;
+    }
+    if outcomes.failures.is_empty() {
+        return Ok(());
+    }
+    let (retries, dead): (Vec<&Failure>, Vec<&Failure>) =
+        outcomes.failures.iter().partition(|f| f.retry_after.is_some());
+    Spi::connect_mut(|c| {
+        if !retries.is_empty() {
+            let ids: Vec<i64> = retries.iter().map(|f| f.row_id).collect();
+            let delays: Vec<f64> =
+                retries.iter().map(|f| f.retry_after.unwrap_or_default().as_secs_f64() * 1000.0).collect();
+            run(c, RECORD_FAILURES, &[ids.into(), delays.into(), errors(&retries)], |_| Ok(()))?;
+        }
+        if !dead.is_empty() {
+            let ids: Vec<i64> = dead.iter().map(|f| f.row_id).collect();
+            run(c, DEAD_LETTER, &[ids.into(), errors(&dead)], |_| Ok(()))?;
+        }
+        Ok(())
+    })
+}
+
+/// A text[] of the failures' errors, in the database's encoding.
+fn errors(failures: &[&Failure]) -> DatumWithOid<'static> {
+    let mut texts: Vec<pg_sys::Datum> =
+        failures.iter().map(|f| encoding::diagnostic_text(&f.error)).collect();
+    // SAFETY: builds a one-dimensional text[] (varlena elements: length -1, not by value,
+    // int alignment) from text datums made in the current memory context.
+    unsafe {
+        let array = pg_sys::construct_array(
+            texts.as_mut_ptr(),
+            texts.len() as i32,
+            pg_sys::TEXTOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        );
+        DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::TEXTARRAYOID)
+    }
+}
+
+/// Truncates the outbox when it is empty but its files are larger than `min_bytes`, so that
+/// a drained backlog gives its space back at once. Only if nobody else uses the table right
+/// now (a conditional lock, never a wait). Returns whether it truncated.
+pub fn truncate_if_empty(generation: Generation, min_bytes: i64) -> Result<bool, DbError> {
+    Spi::connect_mut(|c| {
+        let bytes = run(c, OUTBOX_BYTES, &[], |t| Ok(t.first().get::<i64>(1)?))?.unwrap_or(0);
+        if bytes < min_bytes {
+            return Ok(false);
+        }
+        // SAFETY: a conditional lock inside a transaction, released at its end.
+        let locked = unsafe {
+            pg_sys::ConditionalLockRelationOid(
+                pg_sys::Oid::from(generation.relid),
+                pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+            )
+        };
+        if !locked || run(c, ANY_ROW, &[], |t| Ok(t.first().get::<bool>(1)?))?.unwrap_or(true) {
+            return Ok(false);
+        }
+        c.update(TRUNCATE, None, &[])?;
+        Ok(true)
+    })
+}
+
+/// How long until the earliest retry is due (zero if one is due now); `None` if none waits.
+pub fn next_retry_in() -> Result<Option<Duration>, DbError> {
+    let ms = Spi::connect_mut(|c| run(c, NEXT_RETRY_IN, &[], |t| Ok(t.first().get::<i64>(1)?)))?;
+    Ok(ms.map(|ms| Duration::from_millis(ms.max(0) as u64)))
+}
