@@ -1,4 +1,4 @@
--- pg_outbox 0.1.0: functions, procedures and views.
+-- pg_outbox: functions, procedures and views.
 
 -- Writes an event in the caller's transaction and returns its message id. Validation errors
 -- carry a SQLSTATE (22004, 22023, 22001, 54000) and write nothing. Runs as the extension's

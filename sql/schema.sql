@@ -1,5 +1,22 @@
--- pg_outbox 0.1.0: tables. Everything lives in the schema "outbox", which CREATE EXTENSION
--- creates (see pg_outbox.control).
+-- pg_outbox: tables. Everything lives in the schema "outbox", which CREATE EXTENSION creates
+-- (see pg_outbox.control).
+
+-- CREATE EXTENSION uses a schema "outbox" that already exists, whoever owns it. A schema owned
+-- by another role would let that role drop or replace what the worker, running as a superuser,
+-- relies on: refuse it. (Written with qualified names and operators: this runs before we know
+-- the schema holds nothing of anyone else's.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                 JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+                WHERE n.nspname OPERATOR(pg_catalog.=) 'outbox'::pg_catalog.name
+                  AND NOT r.rolsuper) THEN
+        RAISE EXCEPTION 'schema "outbox" exists and is owned by a role that is not a superuser'
+            USING ERRCODE = '42501',
+                  HINT = 'pg_outbox installs into its own schema "outbox". Drop or rename that schema (or have a superuser own it) and run CREATE EXTENSION again.';
+    END IF;
+END
+$$;
 
 -- Events awaiting publication. A row is written by outbox.publish in the caller's transaction
 -- and deleted by the worker once the broker has confirmed the message.
@@ -61,5 +78,9 @@ CREATE INDEX dead_letters_message_id_idx ON outbox.dead_letters (message_id);
 -- dead letters are data, not configuration, and must survive a dump and restore.
 SELECT pg_catalog.pg_extension_config_dump('outbox.messages', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.dead_letters', '');
+-- Their row ids too: a restored outbox must give new events ids above the restored ones, or
+-- a new event would be published before older events of its aggregate.
+SELECT pg_catalog.pg_extension_config_dump('outbox.messages_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.dead_letters_id_seq', '');
 
 REVOKE ALL ON outbox.messages, outbox.dead_letters FROM PUBLIC;
