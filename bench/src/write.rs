@@ -3,7 +3,7 @@
 //! `pgq.insert_event` as a peer (when the pgq extension is installed).
 
 use crate::{progress, Row};
-use pg_outbox_tests::cluster::PG_BIN;
+use pg_outbox_tests::cluster::pg_bin;
 use pg_outbox_tests::{unique, Broker, Cluster};
 use std::process::Command;
 
@@ -30,7 +30,7 @@ fn payload() -> &'static str {
 fn pgbench(cluster: &Cluster, name: &str, script: &str, clients: u32, seconds: u32, options: &str) -> f64 {
     let path = cluster.dir.join(format!("{name}.sql"));
     std::fs::write(&path, script).unwrap();
-    let out = Command::new(format!("{PG_BIN}/pgbench"))
+    let out = Command::new(pg_bin().join("pgbench"))
         .env("PGOPTIONS", options)
         .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-n", "-M", "prepared"])
         .args(["-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "--max-tries", "10"])

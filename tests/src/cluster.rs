@@ -9,7 +9,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The directory of Postgres' programs: `pg_config --bindir` of `$PG_CONFIG`, or of the
+/// `pg_config` on the PATH. `script/test` sets `PG_CONFIG` to the Postgres it built for.
+pub fn pg_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let pg_config = std::env::var_os("PG_CONFIG").unwrap_or_else(|| "pg_config".into());
+        let out = Command::new(&pg_config)
+            .arg("--bindir")
+            .output()
+            .unwrap_or_else(|e| panic!("run {pg_config:?}: {e}"));
+        assert!(out.status.success(), "{pg_config:?} --bindir failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
 /// The database the worker serves in test clusters.
 pub const DB: &str = "app";
 
@@ -17,6 +30,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
     keep: bool,
+    /// Environment of the server process (beyond the harness' own, which has no Rust
+    /// backtrace variables).
+    server_env: Vec<(String, String)>,
 }
 
 fn is_root() -> bool {
@@ -24,11 +40,11 @@ fn is_root() -> bool {
 }
 
 /// Runs a Postgres binary, as `postgres` when we are root.
-fn pg_command(bin: &str) -> Command {
-    let path = format!("{PG_BIN}/{bin}");
+pub fn pg_command(bin: &str) -> Command {
+    let path = pg_bin().join(bin);
     let mut c = if is_root() {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", &path]);
+        c.args(["-u", "postgres", "--"]).arg(&path);
         c
     } else {
         Command::new(path)
@@ -79,6 +95,15 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Retries a test can wait for: `max_attempts` attempts, 200 ms apart at first.
+pub fn quick_retries(max_attempts: &'static str) -> [(&'static str, &'static str); 3] {
+    [
+        ("outbox.max_attempts", max_attempts),
+        ("outbox.retry_backoff_base", "'200ms'"),
+        ("outbox.retry_backoff_max", "'500ms'"),
+    ]
+}
+
 /// Settings every test cluster gets; a test adds or overrides with its own.
 pub fn base_settings(port: u16, dir: &Path) -> Vec<(String, String)> {
     [
@@ -104,11 +129,21 @@ impl Cluster {
     /// initdb, configure with `settings` (over [`base_settings`]), start, create database
     /// `app` and the extension in it.
     pub fn start(settings: &[(&str, &str)]) -> Cluster {
+        Cluster::start_with_database(settings, "")
+    }
+
+    /// [`Cluster::start`], creating database `app` with `options` (`ENCODING 'LATIN1' ...`).
+    pub fn start_with_database(settings: &[(&str, &str)], options: &str) -> Cluster {
         let cluster = Cluster::init(settings);
         cluster.start_server();
-        cluster.admin().batch_execute(&format!("CREATE DATABASE {DB}")).unwrap();
+        cluster.admin().batch_execute(&format!("CREATE DATABASE {DB} {options}")).unwrap();
         cluster.client().batch_execute("CREATE EXTENSION pg_outbox").unwrap();
         cluster
+    }
+
+    /// Sets a variable in the server's environment from its next start on.
+    pub fn set_server_env(&mut self, name: &str, value: &str) {
+        self.server_env.push((name.to_string(), value.to_string()));
     }
 
     /// initdb and configure, without starting.
@@ -130,7 +165,12 @@ impl Cluster {
             ]);
             c
         });
-        let cluster = Cluster { dir, port, keep: std::env::var_os("OUTBOX_KEEP_CLUSTERS").is_some() };
+        let cluster = Cluster {
+            dir,
+            port,
+            keep: std::env::var_os("OUTBOX_KEEP_CLUSTERS").is_some(),
+            server_env: Vec::new(),
+        };
         let mut all = base_settings(port, &cluster.dir);
         for (k, v) in settings {
             all.retain(|(key, _)| key != k);
@@ -152,10 +192,10 @@ impl Cluster {
         run({
             let mut c = pg_command("pg_basebackup");
             c.args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"]);
-            c.args(["-D", data.to_str().unwrap(), "-R", "-X", "stream", "--no-sync"]);
+            c.args(["-D", data.to_str().unwrap(), "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]);
             c
         });
-        let cluster = Cluster { dir, port, keep: primary.keep };
+        let cluster = Cluster { dir, port, keep: primary.keep, server_env: Vec::new() };
         let mut text = String::from("\n# standby\n");
         text.push_str(&format!("port = {port}\nunix_socket_directories = '{}'\n", cluster.dir.display()));
         for (k, v) in settings {
@@ -193,6 +233,9 @@ impl Cluster {
     pub fn start_server(&self) {
         run({
             let mut c = pg_command("pg_ctl");
+            for (k, v) in &self.server_env {
+                c.env(k, v);
+            }
             c.args([
                 "-D",
                 self.data().to_str().unwrap(),
@@ -228,14 +271,19 @@ impl Cluster {
         self.start_server();
     }
 
-    /// Appends settings to postgresql.conf and reloads.
-    pub fn reconfigure(&self, settings: &[(&str, &str)]) {
+    /// Appends settings to postgresql.conf, without telling the server (stopped, say).
+    pub fn reconfigure_file(&self, settings: &[(&str, &str)]) {
         let path = self.data().join("postgresql.conf");
         let mut text = fs::read_to_string(&path).unwrap();
         for (k, v) in settings {
             text.push_str(&format!("{k} = {v}\n"));
         }
         fs::write(&path, text).unwrap();
+    }
+
+    /// Appends settings to postgresql.conf and reloads.
+    pub fn reconfigure(&self, settings: &[(&str, &str)]) {
+        self.reconfigure_file(settings);
         self.admin().batch_execute("SELECT pg_reload_conf()").unwrap();
     }
 

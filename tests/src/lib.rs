@@ -7,7 +7,7 @@ pub mod load;
 pub mod proxy;
 
 pub use broker::{dedup, unique, Broker, BrokerOutage, Consumer, Delivery};
-pub use cluster::{unreachable_broker_url, wait_until, Cluster, BROKER_URL, DB};
+pub use cluster::{quick_retries, unreachable_broker_url, wait_until, Cluster, BROKER_URL, DB};
 pub use load::{verify, Load, LoadSpec, Verdict};
 pub use proxy::Proxy;
 

@@ -372,11 +372,7 @@ impl Drop for MaxMessageSize {
 fn oversized_and_nacked_poison_is_dead_lettered_and_replayed() {
     let _alone = exclusive();
     let limit = MaxMessageSize::set(4096);
-    let cluster = Cluster::start(&[
-        ("outbox.max_attempts", "2"),
-        ("outbox.retry_backoff_base", "'200ms'"),
-        ("outbox.retry_backoff_max", "'500ms'"),
-    ]);
+    let cluster = Cluster::start(&quick_retries("2"));
     let broker = Broker::connect();
     let exchange = broker.own_exchange();
     let ok = broker.consume(&exchange, "ok.#");

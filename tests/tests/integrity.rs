@@ -1,0 +1,301 @@
+//! What reaches the broker is exactly what the database committed, durably, in order, in any
+//! encoding, across re-created extensions and restored backups.
+
+use pg_outbox_tests::*;
+use postgres::Client;
+use std::collections::HashSet;
+use std::time::Duration;
+use uuid::Uuid;
+
+const WITHIN: Duration = Duration::from_secs(90);
+
+fn ids(deliveries: &[Delivery]) -> HashSet<String> {
+    deliveries.iter().filter_map(|d| d.message_id.clone()).collect()
+}
+
+#[test]
+fn no_event_reaches_the_broker_before_its_transaction_is_durable() {
+    let _alone = exclusive();
+    // Asynchronous commits stay in WAL buffers for up to 10 s: a crash loses them.
+    let cluster = Cluster::start(&[("wal_writer_delay", "'10s'"), ("wal_writer_flush_after", "'1GB'")]);
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    cluster.wait_for_worker();
+    let mut db = cluster.client();
+    db.batch_execute(load::LEDGER).unwrap();
+    db.batch_execute("SET synchronous_commit = off").unwrap();
+    let mut received = 0;
+    for round in 0..3 {
+        for n in 0..5 {
+            let mut tx = db.transaction().unwrap();
+            let id: Uuid = tx
+                .query_one(
+                    "SELECT outbox.publish('Async', jsonb_build_object('round', $1::int, 'n', $2::int), exchange => $3)",
+                    &[&round, &n, &exchange.name],
+                )
+                .unwrap()
+                .get(0);
+            tx.execute("INSERT INTO ledger (message_id, aggregate) VALUES ($1, 'a')", &[&id]).unwrap();
+            tx.commit().unwrap();
+        }
+        received += 5;
+        consumer.wait_for(received, WITHIN);
+        // The moment the consumer holds them: the server dies.
+        cluster.crash();
+        cluster.start_server();
+        db = cluster.client();
+        db.batch_execute("SET synchronous_commit = off").unwrap();
+    }
+    cluster.wait_drained(WITHIN);
+    let verdict = verify(&cluster, &consumer.received(), &HashSet::new());
+    println!("asynchronous commits, server crashed after each delivery: {verdict}");
+    verdict.assert_clean();
+    assert_eq!(verdict.committed, 15, "every delivered event's transaction survived the crash");
+}
+
+#[test]
+fn with_wait_for_sync_standbys_events_wait_for_the_standby() {
+    let _alone = exclusive();
+    let primary = Cluster::start(&[("wal_level", "replica"), ("outbox.wait_for_sync_standbys", "on")]);
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    // The standby publishes nothing itself (it is a standby; and its broker is unreachable).
+    let standby = Cluster::standby_of(&primary, &[("outbox.amqp_url", &unreachable_broker_url())]);
+    primary.reconfigure(&[("synchronous_standby_names", "'*'")]);
+    wait_until(WITHIN, "the standby to be synchronous", || {
+        let n: i64 = primary
+            .admin()
+            .query_one("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'", &[])
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    });
+    primary.wait_for_worker();
+    let mut db = primary.client();
+    // Writers that do not wait for the standby themselves.
+    db.batch_execute("SET synchronous_commit = local").unwrap();
+    let publish = |db: &mut Client, n: i32| -> String {
+        db.query_one(
+            "SELECT outbox.publish('Replicated', jsonb_build_object('n', $1::int), exchange => $2)::text",
+            &[&n, &exchange.name],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let first = publish(&mut db, 1);
+    assert_eq!(ids(&consumer.wait_for(1, WITHIN)), HashSet::from([first]));
+
+    standby.stop();
+    let second = publish(&mut db, 2);
+    wait_until(WITHIN, "the worker to wait for the standby", || {
+        let state: String =
+            primary.client().query_one("SELECT worker_state FROM outbox.stats", &[]).ok()?.get(0);
+        (state == "waiting for synchronous standbys").then_some(())
+    });
+    consumer.expect_no_more(1, Duration::from_secs(2));
+    standby.start_server();
+    let got = consumer.wait_for(2, WITHIN);
+    assert_eq!(got[1].message_id.as_deref(), Some(second.as_str()));
+
+    // Without the setting, the local flush is enough.
+    primary.reconfigure(&[("outbox.wait_for_sync_standbys", "off")]);
+    std::thread::sleep(Duration::from_millis(500));
+    standby.stop();
+    let third = publish(&mut db, 3);
+    let got = consumer.wait_for(3, WITHIN);
+    assert_eq!(got[2].message_id.as_deref(), Some(third.as_str()));
+}
+
+#[test]
+fn a_latin1_database_publishes_utf8() {
+    let cluster =
+        Cluster::start_with_database(&[], "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    let mut db = cluster.client();
+    let by_publish: String = db
+        .query_one(
+            "SELECT outbox.publish('Café', '{\"name\": \"José Ñandú\"}', aggregate_type => 'Kunde',
+                                   aggregate_id => 'Müller', headers => '{\"city\": \"Zürich\"}',
+                                   routing_key => 'café.créé', exchange => $1)::text",
+            &[&exchange.name],
+        )
+        .unwrap()
+        .get(0);
+    // Written around outbox.publish: the worker converts it too.
+    db.execute(
+        "INSERT INTO outbox.messages (message_id, event_type, payload, exchange) VALUES (gen_random_uuid(), 'Façade', '{\"ß\": \"ÿ\"}', $1)",
+        &[&exchange.name],
+    )
+    .unwrap();
+    let got = consumer.wait_for(2, WITHIN);
+    let first = got.iter().find(|d| d.message_id.as_deref() == Some(by_publish.as_str())).unwrap();
+    assert_eq!(first.message_type.as_deref(), Some("Café"));
+    assert_eq!(first.routing_key, "café.créé");
+    assert_eq!(first.body, "{\"name\": \"José Ñandú\"}".as_bytes(), "UTF-8 on the wire");
+    assert_eq!(first.header("city"), Some("Zürich"));
+    assert_eq!(first.header("aggregate_id"), Some("Müller"));
+    let second = got.iter().find(|d| d.message_type.as_deref() == Some("Façade")).unwrap();
+    assert_eq!(second.json(), serde_json::json!({"ß": "ÿ"}));
+    cluster.wait_drained(WITHIN);
+    // The length limits count UTF-8 bytes: 128 "é" are 128 bytes in LATIN1, 256 in UTF-8.
+    let err = db.query_one("SELECT outbox.publish($1, '{}')", &[&"é".repeat(128)]).unwrap_err();
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::STRING_DATA_RIGHT_TRUNCATION), "{err}");
+}
+
+#[test]
+fn an_sql_ascii_database_refuses_text_that_is_not_utf8_and_its_worker_goes_on() {
+    let cluster = Cluster::start_with_database(
+        &[],
+        "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    );
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    let mut db = cluster.client();
+    let err = db
+        .query_one(
+            "SELECT outbox.publish(convert_from('\\xe9'::bytea, 'SQL_ASCII'), '{}', exchange => $1)",
+            &[&exchange.name],
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::CHARACTER_NOT_IN_REPERTOIRE), "{err}");
+    // A row that cannot be read as UTF-8, written around outbox.publish, between good ones.
+    db.execute("SELECT outbox.publish('Before', '{}', exchange => $1)", &[&exchange.name]).unwrap();
+    db.execute(
+        "INSERT INTO outbox.messages (message_id, event_type, payload, exchange)
+         VALUES (gen_random_uuid(), convert_from('\\xff'::bytea, 'SQL_ASCII'), '{}', $1)",
+        &[&exchange.name],
+    )
+    .unwrap();
+    db.execute("SELECT outbox.publish('After', '{}', exchange => $1)", &[&exchange.name]).unwrap();
+    let got = consumer.wait_for(2, WITHIN);
+    let types: Vec<_> = got.iter().filter_map(|d| d.message_type.clone()).collect();
+    assert_eq!(types, vec!["Before", "After"]);
+    let dead: String = wait_until(WITHIN, "the unreadable row dead-lettered", || {
+        db.query_opt("SELECT last_error FROM outbox.dead_letters", &[]).unwrap().map(|r| r.get(0))
+    });
+    assert!(dead.starts_with("invalid: event_type"), "{dead}");
+    cluster.wait_drained(WITHIN);
+}
+
+#[test]
+fn recreating_the_extension_with_events_in_flight_loses_nothing() {
+    let _alone = exclusive();
+    let proxy = Proxy::start(5672);
+    let cluster = Cluster::start(&[("outbox.amqp_url", &proxy.url()), ("outbox.confirm_timeout", "'5min'")]);
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    cluster.wait_for_worker();
+    let mut db = cluster.client();
+    let mut expected = HashSet::new();
+    for round in 0..3 {
+        // A backlog, partly handed over and unconfirmed: the broker's answers are held.
+        proxy.stall(true);
+        db.execute(
+            "SELECT outbox.publish('Old', jsonb_build_object('n', n), exchange => $1) FROM generate_series(1, 3000) n",
+            &[&exchange.name],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let mut tx = db.transaction().unwrap();
+        tx.batch_execute("DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox").unwrap();
+        let new: Vec<String> = tx
+            .query(
+                "SELECT outbox.publish('New', jsonb_build_object('round', $2::int, 'n', n), exchange => $1)::text
+                   FROM generate_series(1, 300) n",
+                &[&exchange.name, &round],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        tx.commit().unwrap();
+        expected.extend(new);
+        // The old table's confirms arrive now: they must not touch the new table's rows.
+        proxy.stall(false);
+        wait_until(Duration::from_secs(30), "the new events (well before the 60 s rescan)", || {
+            ids(&consumer.received()).is_superset(&expected).then_some(())
+        });
+        cluster.wait_drained(WITHIN);
+    }
+    let dead: i64 = db.query_one("SELECT count(*) FROM outbox.dead_letters", &[]).unwrap().get(0);
+    assert_eq!(dead, 0);
+}
+
+#[test]
+fn a_dump_and_restore_keeps_the_outbox_whole_and_ordered() {
+    let _alone = exclusive();
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    // Events pending (the broker is out of reach), and a dead letter.
+    let source = Cluster::start(&[("outbox.amqp_url", &unreachable_broker_url())]);
+    let mut db = source.client();
+    db.execute(
+        "SELECT outbox.publish('Restored', jsonb_build_object('n', n), aggregate_id => 'acc-' || (n % 3), exchange => $1)
+           FROM generate_series(1, 30) n",
+        &[&exchange.name],
+    )
+    .unwrap();
+    db.batch_execute(
+        "INSERT INTO outbox.dead_letters (message_id, event_type, payload, created_at, attempts, last_error)
+         VALUES (gen_random_uuid(), 'Dead', '{}', now(), 10, 'unroutable')",
+    )
+    .unwrap();
+    let dump = source.dir.join("app.dump");
+    let out = cluster::pg_command("pg_dump")
+        .args(["-h", "127.0.0.1", "-p", &source.port.to_string(), "-U", "postgres", "-Fc", "-f"])
+        .arg(&dump)
+        .arg(DB)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let max_id: i64 = db.query_one("SELECT max(id) FROM outbox.messages", &[]).unwrap().get(0);
+    drop(db);
+
+    let target = Cluster::init(&[]);
+    target.start_server();
+    target.admin().batch_execute(&format!("CREATE DATABASE {DB}")).unwrap();
+    let consumer = broker.consume(&exchange, "#");
+    let out = cluster::pg_command("pg_restore")
+        .args(["-h", "127.0.0.1", "-p", &target.port.to_string(), "-U", "postgres", "-d", DB])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut db = target.client();
+    let (id, message_id): (i64, Uuid) = {
+        let mid: Uuid = db
+            .query_one(
+                "SELECT outbox.publish('After', '{}', aggregate_id => 'acc-1', exchange => $1)",
+                &[&exchange.name],
+            )
+            .unwrap()
+            .get(0);
+        let row = db.query_opt("SELECT id FROM outbox.messages WHERE message_id = $1", &[&mid]).unwrap();
+        (row.map(|r| r.get(0)).unwrap_or(i64::MAX), mid)
+    };
+    assert!(id > max_id, "a new event after a restore gets an id above the restored ones: {id} <= {max_id}");
+    let dead_id: i64 = db
+        .query_one(
+            "INSERT INTO outbox.dead_letters (message_id, event_type, payload, created_at, attempts)
+             VALUES (gen_random_uuid(), 'Dead2', '{}', now(), 1) RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(dead_id > 1, "the dead letters' ids continue too");
+    let got = consumer.wait_for(31, WITHIN);
+    let acc1: Vec<String> = got
+        .iter()
+        .filter(|d| d.header("aggregate_id") == Some("acc-1"))
+        .map(|d| d.message_type.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(acc1.last().map(String::as_str), Some("After"), "{acc1:?}");
+    assert_eq!(acc1.len(), 11);
+    assert!(ids(&got).contains(&message_id.to_string()));
+}

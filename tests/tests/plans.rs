@@ -1,0 +1,79 @@
+//! The worker's plans must not depend on the size the outbox had when they were made: a burst
+//! after an idle spell (an outbox drained and analyzed as empty, as autovacuum leaves it) is
+//! read by index, never by scanning the table.
+
+use pg_outbox_tests::*;
+use std::time::Duration;
+
+/// Rows read from the outbox by sequential scans so far. (Not the number of scans: rebuilding
+/// the indexes of a truncated, empty outbox counts as two scans that read nothing.)
+fn rows_read_sequentially(cluster: &Cluster) -> i64 {
+    cluster
+        .client()
+        .query_one(
+            "SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+fn published(cluster: &Cluster) -> i64 {
+    cluster.client().query_one("SELECT published_total FROM outbox.worker_status()", &[]).unwrap().get(0)
+}
+
+#[test]
+fn a_burst_after_an_idle_spell_never_scans_the_outbox() {
+    let _alone = exclusive();
+    // auto_explain logs the worker's plans, to name the statement if one scans the table.
+    let cluster = Cluster::start(&[
+        ("outbox.poll_interval", "'100ms'"),
+        ("autovacuum", "off"),
+        ("shared_preload_libraries", "'pg_outbox,auto_explain'"),
+        ("auto_explain.log_min_duration", "0"),
+        ("auto_explain.log_nested_statements", "on"),
+        ("auto_explain.log_format", "text"),
+    ]);
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let mut args = amqprs::FieldTable::new();
+    args.insert("x-max-length".try_into().unwrap(), amqprs::FieldValue::l(1000));
+    let queue = broker.declare_queue(&exchange, "#", args);
+    let mut db = cluster.client();
+    db.execute(
+        "SELECT outbox.publish('Warm', '{}', exchange => $1) FROM generate_series(1, 10)",
+        &[&exchange.name],
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(60), "the first events", || (published(&cluster) >= 10).then_some(()));
+    // Drained and analyzed as empty, then idle: every plan the worker makes now sees an empty
+    // table.
+    std::thread::sleep(Duration::from_millis(500));
+    db.batch_execute("ANALYZE outbox.messages").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let read_before = rows_read_sequentially(&cluster);
+
+    let burst = 30_000;
+    db.execute(
+        "SELECT outbox.publish('Burst', jsonb_build_object('n', n), aggregate_id => (n % 1000)::text, exchange => $1)
+           FROM generate_series(1, $2) n",
+        &[&exchange.name, &burst],
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(300), "the burst to drain", || {
+        (published(&cluster) >= 10 + burst as i64).then_some(())
+    });
+    // The worker sends its statistics at most once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = cluster.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let scanning: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("Seq Scan on messages") && !l.contains("messages_id_seq"))
+        .map(|(i, _)| lines[i.saturating_sub(12)..=i].join("\n"))
+        .collect();
+    assert!(scanning.is_empty(), "plans that scan the outbox:\n{}", scanning.join("\n---\n"));
+    assert_eq!(rows_read_sequentially(&cluster), read_before, "rows read by sequential scans");
+    broker.delete_queue(&queue);
+}
