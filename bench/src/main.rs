@@ -2,6 +2,7 @@
 //! the same machine and broker. Run with `script/bench` (release build, its own cluster, the
 //! running RabbitMQ). `script/bench --quick` runs smaller sizes.
 
+mod burst;
 mod cpu;
 mod latency;
 mod naive;
@@ -61,7 +62,7 @@ fn table(rows: &[Row]) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick { relay::Sizes::quick() } else { relay::Sizes::full() };
-    // `--only relay,latency,write,naive` runs some parts.
+    // `--only relay,burst,latency,write,naive` runs some parts.
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
     let run = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p == part));
     let (seconds, write_seconds) = if quick { (5, 5) } else { (20, 20) };
@@ -72,6 +73,10 @@ fn main() {
         let (relay_rows, rate) = relay::throughput(&sizes);
         rows.extend(relay_rows);
         relay_rate = Some(rate);
+    }
+    if run("burst") {
+        let idle = std::time::Duration::from_secs(if quick { 10 } else { 60 });
+        rows.extend(burst::after_idle_and_flow(&sizes, idle, relay_rate));
     }
     if run("latency") {
         rows.extend(latency::latency(seconds));

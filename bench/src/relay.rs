@@ -46,7 +46,7 @@ pub fn write_backlog(cluster: &Cluster, exchange: &str, count: u64) {
     }
 }
 
-fn published_total(cluster: &Cluster) -> i64 {
+pub fn published_total(cluster: &Cluster) -> i64 {
     cluster
         .client()
         .query_one("SELECT coalesce(published_total, 0) FROM outbox.worker_status()", &[])
@@ -75,7 +75,7 @@ pub fn relation_sizes(cluster: &Cluster) -> (i64, i64) {
 
 /// A durable queue that keeps at most 10,000 messages (dropping the oldest): the broker's work
 /// per message stays the same whatever the backlog, for the baseline and the relay alike.
-fn bounded_queue(broker: &Broker, exchange: &str) -> String {
+pub fn bounded_queue(broker: &Broker, exchange: &str) -> String {
     let mut args = amqprs::FieldTable::new();
     args.insert("x-max-length".try_into().unwrap(), amqprs::FieldValue::l(10_000));
     args.insert("x-overflow".try_into().unwrap(), amqprs::FieldValue::S("drop-head".try_into().unwrap()));
@@ -110,7 +110,7 @@ fn backlog_drain(
 }
 
 /// The raw publisher's rate, with the CPU it and the broker used per message.
-fn raw_measured(exchange: &str, count: u64, mandatory: bool) -> f64 {
+pub fn raw_measured(exchange: &str, count: u64, mandatory: bool) -> f64 {
     let me = std::process::id();
     let rabbit = rabbitmq_pid().unwrap_or(0);
     let (rate, _, cpu) =

@@ -45,16 +45,20 @@ pub struct Envelope {
 /// the properties every message carries: message id, type, content type, delivery mode,
 /// timestamp, app id, and the headers when there are any. AMQP 0-9-1 requires the whole frame
 /// to fit in `frame_max`; RabbitMQ closes the connection (501 FRAME_ERROR) otherwise.
-pub fn header_frame_len(message_id: &str, event_type: &str, headers_encoded_len: Option<usize>) -> usize {
-    let short = |s: &str| 1 + s.len();
+pub fn header_frame_len(
+    message_id_len: usize,
+    event_type_len: usize,
+    headers_encoded_len: Option<usize>,
+) -> usize {
+    let short = |len: usize| 1 + len;
     8 + 12
         + 2
-        + short(message_id)
-        + short(event_type)
-        + short(CONTENT_TYPE)
+        + short(message_id_len)
+        + short(event_type_len)
+        + short(CONTENT_TYPE.len())
         + 1
         + 8
-        + short(APP_ID)
+        + short(APP_ID.len())
         + headers_encoded_len.unwrap_or(0)
 }
 
@@ -82,8 +86,11 @@ impl OutboxMessage {
             self.aggregate_id.as_deref(),
         )?;
         let has_headers = !headers.table.as_ref().is_empty();
-        let header_frame_len =
-            header_frame_len(&self.message_id, &self.event_type, has_headers.then_some(headers.encoded_len));
+        let header_frame_len = header_frame_len(
+            self.message_id.len(),
+            self.event_type.len(),
+            has_headers.then_some(headers.encoded_len),
+        );
         let mut properties = BasicProperties::default();
         properties
             .with_message_id(&self.message_id)

@@ -110,8 +110,7 @@ pub fn check_event(args: &EventArgs<'_>, limits: &Limits<'_>) -> Result<(), Inva
     }
     let headers = headers::build(args.headers, args.aggregate_type, args.aggregate_id)?;
     let has_headers = !headers.table.as_ref().is_empty();
-    let len =
-        header_frame_len(&"0".repeat(MESSAGE_ID_LEN), event_type, has_headers.then_some(headers.encoded_len));
+    let len = header_frame_len(MESSAGE_ID_LEN, event_type.len(), has_headers.then_some(headers.encoded_len));
     if len > limits.frame_max {
         return Err(InvalidEvent::HeadersTooLarge { len, max: limits.frame_max });
     }
@@ -241,7 +240,7 @@ mod tests {
         let args = EventArgs { aggregate_id: Some(&id), ..ok() };
         assert!(matches!(check_event(&args, &limits(100)), Err(InvalidEvent::HeadersTooLarge { .. })));
         // Just fits: the frame of a message with no headers but this long an aggregate id.
-        let fits = 131_072 - header_frame_len(&"0".repeat(36), "E", Some(0)) - 4 - (1 + 12 + 1 + 4);
+        let fits = 131_072 - header_frame_len(36, 1, Some(0)) - 4 - (1 + 12 + 1 + 4);
         let id = "i".repeat(fits);
         let args = EventArgs { aggregate_id: Some(&id), ..ok() };
         assert_eq!(check_event(&args, &limits(100)), Ok(()));

@@ -10,18 +10,21 @@
 //! 7. [`hand_over`]: hand the batch to the session;
 //! 8. [`decide_pause`]: how long until the next round.
 
+use super::durability;
 use super::floor::{self, Found, Work};
 use super::ledger::Outcomes;
 use super::link::Status as LinkStatus;
+use super::state::Worker;
 use super::status::DbState;
 use super::store::{self, Batch, Generation, ReadLimits, Table};
 use super::txn::{self, DbError};
-use super::{durability, Worker, RETRY_PAUSE};
 use crate::wake;
 use pg_outbox_core::outcome::{Command, SessionEnd};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+/// Wait after a round that failed (or panicked) before the next.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// An empty outbox whose files are larger than this is truncated.
 const TRUNCATE_ABOVE_BYTES: i64 = 1024 * 1024;
 const TRUNCATE_INTERVAL: Duration = Duration::from_secs(10);
@@ -30,8 +33,25 @@ const LIGHT_ROUND_ROWS: usize = 16;
 /// Below this much room, a read only adds transactions while the session is busy.
 const MIN_READ: usize = 64;
 
+/// One round; a panic in it is logged and the round's state starts over.
+pub fn run_caught(w: &mut Worker<'_>) -> Duration {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| run(w))) {
+        Ok(pause) => pause,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            pgrx::warning!("pg_outbox: internal error in the worker, starting its round over: {what}");
+            forget(w, Instant::now());
+            RETRY_PAUSE
+        }
+    }
+}
+
 /// One round; returns how long to pause before the next (zero: go on at once).
-pub fn run(w: &mut Worker<'_>) -> Duration {
+fn run(w: &mut Worker<'_>) -> Duration {
     collect(w);
     let connected = connect(w);
     let read = plan_read(w, connected);
@@ -288,17 +308,4 @@ fn decide_pause(
         pause = pause.min(w.link.reconnect.next_attempt().saturating_duration_since(Instant::now()));
     }
     pause
-}
-
-/// On exit: records what came back, if the table is still the one it is about.
-pub fn record_on_exit(w: &mut Worker<'_>) {
-    let outcomes = w.ledger.take_outcomes();
-    let expected = w.ledger.generation();
-    let recorded = txn::in_transaction(AssertUnwindSafe(|| match store::table()? {
-        Table::Ready(g) if Some(g) == expected => store::record_outcomes(&outcomes).map(|_| true),
-        _ => Ok(false),
-    }));
-    if let Ok(true) = recorded {
-        w.status.recorded(&outcomes);
-    }
 }

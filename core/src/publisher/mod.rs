@@ -15,10 +15,7 @@ mod classify;
 mod events;
 mod session;
 #[cfg(feature = "test-helpers")]
-mod testing;
-
-#[cfg(feature = "test-helpers")]
-pub use testing::BatchReport;
+pub mod testing;
 
 use crate::broker_url::BrokerUrl;
 use crate::validate::ExchangeFilter;

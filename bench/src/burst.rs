@@ -1,0 +1,139 @@
+//! Backlogs that do not meet a fresh cluster: a burst after an idle spell (the outbox drained
+//! and analyzed as empty, as autovacuum leaves it, and the worker idle), and a backlog after a
+//! spell of steady flow. Each drain is printed beside a raw publisher run just before it and
+//! the plain backlog drain of the same run.
+
+use crate::cpu::measure;
+use crate::relay::{bounded_queue, drain, published_total, raw_measured, write_backlog, Sizes};
+use crate::{progress, Row};
+use pg_outbox_tests::{unique, wait_until, Broker, Cluster};
+use std::time::{Duration, Instant};
+
+/// Writes `count` events in one transaction: they become visible at once, like a backlog.
+/// Returns when the transaction committed.
+fn write_in_one_transaction(cluster: &Cluster, exchange: &str, count: u64) -> Instant {
+    let mut db = cluster.client();
+    let mut tx = db.transaction().unwrap();
+    tx.execute(
+        "SELECT outbox.publish('FundsTransferEvent',
+                jsonb_build_object('amount', 100, 'from', 'account-' || lpad((i % 1000)::text, 6, '0'),
+                                   'to', 'account-' || lpad(((i + 1) % 1000)::text, 6, '0'),
+                                   'currency', 'EUR', 'ref', lpad(i::text, 12, '0')),
+                aggregate_type => 'account', aggregate_id => ((i * 7919) % 100000)::text, exchange => $1)
+           FROM generate_series(1::int8, $2::int8) i",
+        &[&exchange, &(count as i64)],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    Instant::now()
+}
+
+/// `clients` writers committing `per_second` events per second in all, one per transaction.
+fn steady_flow(cluster: &Cluster, exchange: &str, per_second: u64, clients: u64, seconds: u64) -> u64 {
+    let interval = Duration::from_secs_f64(clients as f64 / per_second as f64);
+    let started = Instant::now();
+    let writers: Vec<_> = (0..clients)
+        .map(|c| {
+            let mut db = cluster.client();
+            let exchange = exchange.to_string();
+            std::thread::spawn(move || {
+                let mut next = started + interval.mul_f64(c as f64 / clients as f64);
+                let end = started + Duration::from_secs(seconds);
+                let mut n = 0u64;
+                while next < end {
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    db.execute(
+                        "SELECT outbox.publish('FundsTransferEvent', '{\"amount\": 100}', aggregate_type => 'account',
+                                               aggregate_id => $1, exchange => $2)",
+                        &[&format!("{c}-{}", n % 50), &exchange],
+                    )
+                    .unwrap();
+                    n += 1;
+                    next += interval;
+                }
+                n
+            })
+        })
+        .collect();
+    writers.into_iter().map(|w| w.join().unwrap()).sum()
+}
+
+fn connected_cluster() -> Cluster {
+    let cluster =
+        Cluster::start(&crate::settings(&[("outbox.max_in_flight", "1000"), ("outbox.batch_size", "1000")]));
+    cluster.wait_for_worker();
+    wait_until(Duration::from_secs(60), "the worker to connect", || cluster.broker_connected().then_some(()));
+    cluster
+}
+
+/// The rows; `plain` is the plain backlog drain rate of this run, if measured.
+pub fn after_idle_and_flow(sizes: &Sizes, idle: Duration, plain: Option<f64>) -> Vec<Row> {
+    let broker = Broker::connect();
+    let exchange = unique("bench.burst");
+    broker.exchange(&exchange);
+    let mut queue = bounded_queue(&broker, &exchange);
+    let count = sizes.backlog;
+    let mut rows = Vec::new();
+    let plain_text = plain.map(|p| format!("; plain backlog drain {p:.0} events/s")).unwrap_or_default();
+
+    progress("raw amqprs publisher, before the burst");
+    let raw = raw_measured(&exchange, sizes.raw, true);
+    broker.delete_queue(&queue);
+    queue = bounded_queue(&broker, &exchange);
+
+    let cluster = connected_cluster();
+    write_in_one_transaction(&cluster, &exchange, 1000);
+    wait_until(Duration::from_secs(60), "the first events", || {
+        (published_total(&cluster) >= 1000).then_some(())
+    });
+    cluster.client().batch_execute("ANALYZE outbox.messages").unwrap();
+    progress(&format!("drained and analyzed as empty; idle for {idle:?}, then a burst of {count} events"));
+    std::thread::sleep(idle);
+    let worker = cluster.wait_for_worker() as u32;
+    let before = published_total(&cluster);
+    let (drained_in, _, cpu) = measure(&[worker], || {
+        let committed = write_in_one_transaction(&cluster, &exchange, count);
+        wait_until(Duration::from_secs(1800), "the burst to drain", || {
+            (published_total(&cluster) - before >= count as i64).then_some(())
+        });
+        committed.elapsed()
+    });
+    let rate = count as f64 / drained_in.as_secs_f64();
+    progress(&format!("  drained {drained_in:.1?} after its commit"));
+    progress(&format!("  {rate:.0} events/s; worker CPU {:.0} µs per event", cpu[0] * 1e6 / count as f64));
+    rows.push(Row {
+        figure: format!(
+            "relay: burst of {count} events after an idle spell (drained, analyzed as empty, idle {}s)",
+            idle.as_secs()
+        ),
+        value: format!("{rate:.0} events/s"),
+        baseline: format!("{raw:.0} msgs/s raw amqprs publisher{plain_text}"),
+        ratio: Some(rate / raw),
+        target: "like a backlog on a fresh cluster".into(),
+        met: plain.map(|p| rate >= 0.9 * p),
+    });
+    drop(cluster);
+    broker.delete_queue(&queue);
+    queue = bounded_queue(&broker, &exchange);
+
+    let cluster = connected_cluster();
+    progress("10 s of steady flow at 1,000 events/s, then a backlog");
+    let flowed = steady_flow(&cluster, &exchange, 1000, 4, 10);
+    cluster.cut_off_broker();
+    write_backlog(&cluster, &exchange, count);
+    let rate = drain(&cluster, count);
+    progress(&format!("  after {flowed} events of steady flow: drained at {rate:.0} events/s"));
+    rows.push(Row {
+        figure: format!("relay: backlog of {count} events after 10 s of steady flow at 1,000 events/s"),
+        value: format!("{rate:.0} events/s"),
+        baseline: format!("{raw:.0} msgs/s raw amqprs publisher{plain_text}"),
+        ratio: Some(rate / raw),
+        target: "like a backlog on a fresh cluster".into(),
+        met: plain.map(|p| rate >= 0.9 * p),
+    });
+    broker.delete_queue(&queue);
+    broker.delete_exchange(&exchange);
+    rows
+}
