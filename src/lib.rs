@@ -3,13 +3,15 @@
 //! removes them once the broker confirms. See README.md.
 //!
 //! Modules: `api` (the write path) with `aggregate_lock` and `encoding`; `gucs` (settings);
-//! `shmem` (shared status); `wake` (commit-time wake-up) and `xact` (the transaction callback
-//! and utility hook every backend gets); `launcher` and `worker` (background processes);
+//! `shmem` (shared status); `wake` (commit-time wake-up), `durability` (no event before its
+//! transaction is durable) and `xact` (the transaction callback and utility hook every backend
+//! gets); `launcher` and `worker` (background processes);
 //! `signals` (signals, waits, I/O threads); `status` (SQL status functions). Everything that
 //! needs no Postgres lives in the `pg_outbox_core` crate.
 
 mod aggregate_lock;
 mod api;
+mod durability;
 mod encoding;
 mod gucs;
 mod launcher;
@@ -39,6 +41,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         wake::init_shared_memory();
+        durability::init_shared_memory();
         launcher::register();
     }
 }

@@ -48,6 +48,11 @@ pub fn event_written() {
     let _ = WROTE_EVENT.try_with(|w| w.set(true));
 }
 
+/// Whether this session's transaction wrote events (so far).
+pub fn wrote_event() -> bool {
+    WROTE_EVENT.try_with(Cell::get).unwrap_or(false)
+}
+
 /// The transaction committed: wake the worker if it wrote events and the worker asked for it.
 pub fn committed() {
     if WROTE_EVENT.try_with(|w| w.replace(false)).unwrap_or(false) {

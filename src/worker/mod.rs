@@ -10,7 +10,7 @@
 //!
 //! The pieces, each its own state machine: [`link`] (the broker connection and its back-off),
 //! [`ledger`] (what is in flight and what came back), [`floor`] (where reads start), [`store`]
-//! (the SQL), [`durability`] (no event before its transaction is durable), [`session`] (the
+//! (the SQL), `crate::durability` (no event before its transaction is durable), [`session`] (the
 //! database session's role and pinned settings), [`settings`], [`status`] and [`txn`]; the
 //! [`state`] they make up between rounds.
 //!
@@ -18,7 +18,6 @@
 //! retried, broker failures lead to reconnecting with back-off, a panic in a round is caught
 //! and the round starts over, and each change of state is logged once.
 
-mod durability;
 mod floor;
 mod ledger;
 mod link;

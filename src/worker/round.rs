@@ -10,7 +10,6 @@
 //! 7. [`hand_over`]: hand the batch to the session;
 //! 8. [`decide_pause`]: how long until the next round.
 
-use super::durability;
 use super::floor::{self, Found, Work};
 use super::ledger::Outcomes;
 use super::link::Status as LinkStatus;
@@ -18,6 +17,7 @@ use super::state::Worker;
 use super::status::DbState;
 use super::store::{self, Batch, Generation, ReadLimits, Table};
 use super::txn::{self, DbError};
+use crate::durability;
 use crate::wake;
 use pg_outbox_core::outcome::{Command, SessionEnd};
 use std::panic::AssertUnwindSafe;
@@ -174,9 +174,12 @@ fn db_step(
             })?,
             None => Batch::default(),
         };
-        if wait_for_standbys && !batch.messages.is_empty() {
-            batch.commit_lsn = durability::insert_lsn();
-        }
+        // After the read's snapshot: how far the WAL must be flushed for what it saw.
+        batch.commit_lsn = if wait_for_standbys && !batch.messages.is_empty() {
+            durability::insert_lsn()
+        } else {
+            durability::flush_target(batch.commit_lsn)
+        };
         let next_retry = if batch.full { None } else { store::next_retry_in()? };
         Ok(Step::Done { generation, floor, batch, next_retry })
     }))

@@ -215,7 +215,8 @@ pub struct Batch {
     pub unreadable: Vec<(i64, i32, String)>,
     /// Whether the read stopped at its row or byte limit (more may be waiting).
     pub full: bool,
-    /// A WAL position at or after the commit record of every row taken (see `durability`).
+    /// A WAL position at or after the commit record of every row taken (see
+    /// `crate::durability`), then (by the round) how far the WAL must be flushed.
     pub commit_lsn: u64,
 }
 
@@ -252,7 +253,7 @@ pub fn read_batch(limits: &ReadLimits<'_>) -> Result<Batch, DbError> {
                 bytes += size;
                 let attempts = t.get::<i32>(12)?.unwrap_or_default();
                 let xmin = t.get_datum_by_ordinal(2)?.map(|d| d.value() as u32).unwrap_or(0);
-                batch.commit_lsn = batch.commit_lsn.max(super::durability::commit_lsn(xmin));
+                batch.commit_lsn = batch.commit_lsn.max(crate::durability::commit_lsn(xmin));
                 match read_message(&t, row_id, attempts) {
                     Ok(m) => batch.messages.push((m, size)),
                     Err(reason) => batch.unreadable.push((row_id, attempts, reason)),

@@ -99,8 +99,10 @@ fn with_wait_for_sync_standbys_events_wait_for_the_standby() {
     let got = consumer.wait_for(2, WITHIN);
     assert_eq!(got[1].message_id.as_deref(), Some(second.as_str()));
 
-    // Without the setting, the local flush is enough.
+    // Without the setting, the local flush is enough. (Changed while the standby is up: a
+    // worker waiting for a standby applies a reload only once the wait is over.)
     primary.reconfigure(&[("outbox.wait_for_sync_standbys", "off")]);
+    // No observable sign of the worker's reload: give it a few rounds.
     std::thread::sleep(Duration::from_millis(500));
     standby.stop();
     let third = publish(&mut db, 3);

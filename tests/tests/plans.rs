@@ -18,6 +18,25 @@ fn rows_read_sequentially(cluster: &Cluster) -> i64 {
         .get(0)
 }
 
+/// The worker's plans (auto_explain's log entries of the `pg_outbox worker` process) that
+/// read `outbox.messages` sequentially.
+fn worker_plans_scanning_the_outbox(log: &str) -> Vec<String> {
+    let mut plans: Vec<(bool, String)> = Vec::new();
+    for line in log.lines() {
+        if line.contains("LOG:  duration:") && line.ends_with("plan:") {
+            plans.push((line.contains("pg_outbox worker"), String::new()));
+        } else if let (Some((_, plan)), true) = (plans.last_mut(), line.starts_with('\t')) {
+            plan.push_str(line);
+            plan.push('\n');
+        }
+    }
+    plans
+        .into_iter()
+        .filter(|(worker, plan)| *worker && plan.lines().any(|l| l.contains("Seq Scan on messages ")))
+        .map(|(_, plan)| plan)
+        .collect()
+}
+
 fn published(cluster: &Cluster) -> i64 {
     cluster.client().query_one("SELECT published_total FROM outbox.worker_status()", &[]).unwrap().get(0)
 }
@@ -45,10 +64,9 @@ fn a_burst_after_an_idle_spell_never_scans_the_outbox() {
         &[&exchange.name],
     )
     .unwrap();
-    wait_until(Duration::from_secs(60), "the first events", || (published(&cluster) >= 10).then_some(()));
+    cluster.wait_drained(Duration::from_secs(60));
     // Drained and analyzed as empty, then idle: every plan the worker makes now sees an empty
     // table.
-    std::thread::sleep(Duration::from_millis(500));
     db.batch_execute("ANALYZE outbox.messages").unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let read_before = rows_read_sequentially(&cluster);
@@ -63,16 +81,18 @@ fn a_burst_after_an_idle_spell_never_scans_the_outbox() {
     wait_until(Duration::from_secs(300), "the burst to drain", || {
         (published(&cluster) >= 10 + burst as i64).then_some(())
     });
-    // The worker sends its statistics at most once a second.
-    std::thread::sleep(Duration::from_millis(2500));
-    let log = cluster.log();
-    let lines: Vec<&str> = log.lines().collect();
-    let scanning: Vec<String> = lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.contains("Seq Scan on messages") && !l.contains("messages_id_seq"))
-        .map(|(i, _)| lines[i.saturating_sub(12)..=i].join("\n"))
-        .collect();
+    // The worker sends its statistics at most once a second: wait until they count its deletes.
+    wait_until(Duration::from_secs(30), "the worker's statistics", || {
+        let deleted: i64 = db
+            .query_one(
+                "SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (deleted >= 10 + burst as i64).then_some(())
+    });
+    let scanning = worker_plans_scanning_the_outbox(&cluster.log());
     assert!(scanning.is_empty(), "plans that scan the outbox:\n{}", scanning.join("\n---\n"));
     assert_eq!(rows_read_sequentially(&cluster), read_before, "rows read by sequential scans");
     broker.delete_queue(&queue);

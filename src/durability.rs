@@ -1,0 +1,142 @@
+//! An event reaches the broker only after its transaction is durable: its commit record is
+//! flushed to this server's WAL, and with `outbox.wait_for_sync_standbys` also confirmed by
+//! the synchronous standbys. A transaction committed with `synchronous_commit = off` is
+//! visible before it is durable; publishing it then could announce a change that a crash
+//! undoes.
+//!
+//! Both halves are here. Writers that wrote events note, around their commit, whether it may
+//! be asynchronous ([`commit_starting`], [`commit_ended`]); the worker, after each read, learns
+//! from those notes how far the WAL must be flushed ([`flush_target`]) and flushes it
+//! ([`flush`]) before it hands the batch over. When every writer commits synchronously (the
+//! usual case) nothing is left to flush and the worker costs no fsync at all.
+
+use crate::shmem;
+use pgrx::atomics::PgAtomic;
+use pgrx::pg_shmem_init;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Event-writing transactions between their pre-commit and their commit (or abort) callback:
+/// while one is, a snapshot may see its commit before its note below is written.
+// SAFETY: the name is unique to this extension; initialised in `_PG_init` while preloading.
+static COMMITS_IN_PROGRESS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_outbox_commits_in_progress") };
+/// The end of the latest event-writing commit that was not flushed when it completed.
+// SAFETY: as above.
+static ASYNC_COMMIT_END: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_outbox_async_commit_end") };
+
+thread_local! {
+    /// This session counted its commit in `COMMITS_IN_PROGRESS`.
+    static COUNTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from `_PG_init` while preloading.
+pub fn init_shared_memory() {
+    pg_shmem_init!(COMMITS_IN_PROGRESS = AtomicU64::new(0));
+    pg_shmem_init!(ASYNC_COMMIT_END = AtomicU64::new(0));
+}
+
+// The writer's half, from the transaction callback: never fails, never allocates.
+
+/// A transaction that wrote events is about to write its commit record.
+pub fn commit_starting() {
+    if shmem::available() && !COUNTED.try_with(|c| c.replace(true)).unwrap_or(true) {
+        COMMITS_IN_PROGRESS.get().fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The transaction ended; if it committed without flushing (asynchronously), note how far the
+/// WAL must be flushed before its events go out.
+pub fn commit_ended(committed: bool) {
+    if !shmem::available() || !COUNTED.try_with(|c| c.replace(false)).unwrap_or(false) {
+        return;
+    }
+    if committed {
+        // SAFETY: reads this backend's end of its last commit record, and the shared flush
+        // position; neither raises.
+        let end = unsafe { pg_sys::XactLastCommitEnd };
+        // SAFETY: as above.
+        if end != 0 && unsafe { pg_sys::XLogNeedsFlush(end) } {
+            ASYNC_COMMIT_END.get().fetch_max(end, Ordering::SeqCst);
+        }
+    }
+    COMMITS_IN_PROGRESS.get().fetch_sub(1, Ordering::SeqCst);
+}
+
+// The worker's half.
+
+/// A WAL position at or after the commit record of `xid`'s transaction when that commit was
+/// asynchronous and may not be flushed yet; 0 when nothing needs flushing for it (synchronous
+/// commits are flushed before they become visible). From the commit log, which keeps, per
+/// group of transactions, the latest asynchronous commit's position (the worker's own
+/// bookkeeping commits among them: a conservative bound).
+pub fn commit_lsn(xid: u32) -> u64 {
+    // SAFETY: reads the commit log for a transaction id taken from a row visible to us.
+    unsafe { pg_sys::TransactionIdGetCommitLSN(pg_sys::TransactionId::from_inner(xid)) }
+}
+
+/// How far the WAL must be flushed for a batch read just now (after its snapshot) to be
+/// durable, given `commit_log_lsn`, the batch's bound from [`commit_lsn`]. Every event-writing
+/// commit visible to the read has either left its note (when it was asynchronous) or is still
+/// counted in progress; only then is the commit log's coarser bound needed.
+pub fn flush_target(commit_log_lsn: u64) -> u64 {
+    if !shmem::available() {
+        return commit_log_lsn;
+    }
+    let noted = ASYNC_COMMIT_END.get().load(Ordering::SeqCst);
+    if COMMITS_IN_PROGRESS.get().load(Ordering::SeqCst) > 0 {
+        noted.max(commit_log_lsn)
+    } else {
+        noted
+    }
+}
+
+/// The current end of WAL: at or after the commit record of everything visible to a snapshot
+/// taken before.
+pub fn insert_lsn() -> u64 {
+    // SAFETY: reads a shared position under its spinlock.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
+}
+
+/// Makes sure the WAL up to `lsn` is flushed: what a synchronous commit does, here once per
+/// batch and only when an asynchronous commit left WAL unflushed.
+pub fn flush(lsn: u64) {
+    // SAFETY: `lsn` is at most the current insert position (it came from a commit record's
+    // end or from `insert_lsn`), so the flush request can be satisfied.
+    unsafe {
+        if lsn != 0 && pg_sys::XLogNeedsFlush(lsn) {
+            pg_sys::XLogFlush(lsn);
+        }
+    }
+}
+
+/// Waits until the synchronous standbys (`synchronous_standby_names`) have flushed the WAL up
+/// to `lsn`, as a commit with `synchronous_commit = on` would. Returns false if the wait was
+/// cut short because the worker must stop; it returns at once when no synchronous standby is
+/// configured. Outside any transaction.
+pub fn wait_for_sync_standbys(lsn: u64) -> bool {
+    flush(lsn);
+    // SAFETY: the worker's main thread, outside a transaction. The wait is the one commits
+    // use; it needs interrupts held (it handles a pending SIGTERM itself, with a warning) and
+    // `synchronous_commit` at `on` to know which confirmation to wait for. The worker ignores
+    // SIGINT, so only a stop or postmaster death ends it early.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"synchronous_commit".as_ptr(),
+            c"on".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+        pg_sys::InterruptHoldoffCount += 1;
+        pg_sys::SyncRepWaitForLSN(lsn, false);
+        pg_sys::InterruptHoldoffCount -= 1;
+        pg_sys::SetConfigOption(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+    !crate::signals::stop_requested()
+}
