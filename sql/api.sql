@@ -92,6 +92,8 @@ AS $$
 $$;
 
 REVOKE EXECUTE ON FUNCTION outbox.list_dead_letters(integer, text) FROM PUBLIC;
+-- Internal (replay uses it): anyone calling it could wake the worker at every commit.
+REVOKE EXECUTE ON FUNCTION outbox.wake_worker_at_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION outbox.replay_dead_letters(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION outbox.purge_dead_letters(bigint[], interval) FROM PUBLIC;
 

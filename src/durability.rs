@@ -71,22 +71,36 @@ pub fn commit_ended(committed: bool) {
 /// commits are flushed before they become visible). From the commit log, which keeps, per
 /// group of transactions, the latest asynchronous commit's position (the worker's own
 /// bookkeeping commits among them: a conservative bound).
-pub fn commit_lsn(xid: u32) -> u64 {
-    // SAFETY: reads the commit log for a transaction id taken from a row visible to us.
-    unsafe { pg_sys::TransactionIdGetCommitLSN(pg_sys::TransactionId::from_inner(xid)) }
+fn commit_lsn(xid: u32) -> u64 {
+    let xid = pg_sys::TransactionId::from_inner(xid);
+    // SAFETY: reads the oldest transaction the commit log still holds (it only grows); a row
+    // frozen long ago may name an older one, whose commit is long durable. Then reads the
+    // commit log for a transaction it holds.
+    unsafe {
+        let oldest = (*pg_sys::ShmemVariableCache).oldestClogXid;
+        if xid.into_inner() < pg_sys::TransactionId::FIRST_NORMAL.into_inner()
+            || pg_sys::TransactionIdPrecedes(xid, oldest)
+        {
+            return 0;
+        }
+        pg_sys::TransactionIdGetCommitLSN(xid)
+    }
 }
 
 /// How far the WAL must be flushed for a batch read just now (after its snapshot) to be
-/// durable, given `commit_log_lsn`, the batch's bound from [`commit_lsn`]. Every event-writing
-/// commit visible to the read has either left its note (when it was asynchronous) or is still
-/// counted in progress; only then is the commit log's coarser bound needed.
-pub fn flush_target(commit_log_lsn: u64) -> u64 {
+/// durable; `xmins` are its rows' transactions. Every event-writing commit visible to the read
+/// has either left its note (when it was asynchronous) or is still counted in progress: only
+/// then is the commit log's coarser bound needed. The count is read first: once it reads
+/// zero, every note of a visible commit is there to be read.
+pub fn flush_target(xmins: &[u32]) -> u64 {
+    let commit_log = || xmins.iter().map(|x| commit_lsn(*x)).max().unwrap_or(0);
     if !shmem::available() {
-        return commit_log_lsn;
+        return commit_log();
     }
+    let in_progress = COMMITS_IN_PROGRESS.get().load(Ordering::SeqCst);
     let noted = ASYNC_COMMIT_END.get().load(Ordering::SeqCst);
-    if COMMITS_IN_PROGRESS.get().load(Ordering::SeqCst) > 0 {
-        noted.max(commit_log_lsn)
+    if in_progress > 0 {
+        noted.max(commit_log())
     } else {
         noted
     }
@@ -129,7 +143,7 @@ pub fn wait_for_sync_standbys(lsn: u64) -> bool {
             pg_sys::GucSource::PGC_S_SESSION,
         );
         pg_sys::InterruptHoldoffCount += 1;
-        pg_sys::SyncRepWaitForLSN(lsn, false);
+        crate::signals::without_cancel(|| pg_sys::SyncRepWaitForLSN(lsn, false));
         pg_sys::InterruptHoldoffCount -= 1;
         pg_sys::SetConfigOption(
             c"synchronous_commit".as_ptr(),

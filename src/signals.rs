@@ -2,9 +2,10 @@
 //!
 //! SIGTERM uses Postgres' own `die` handler: a worker stuck in a query is interrupted there,
 //! and between queries the loop sees `ProcDiePending` and leaves cleanly. SIGHUP only marks a
-//! reload as pending; the loop applies it between rounds. SIGINT (`pg_cancel_backend`) is
-//! ignored: the worker cancels its own statements (a statement timeout), and a cancel must
-//! not cut short a wait for synchronous standbys.
+//! reload as pending; the loop applies it between rounds. SIGINT (`pg_cancel_backend`, and the
+//! worker's own statement and lock timeouts, which Postgres delivers as SIGINT) cancels the
+//! running statement, except during a wait for synchronous standbys, which a cancel must not
+//! cut short; a cancel between statements means nothing and is dropped.
 //!
 //! Postgres code must only ever run on the process' main thread. The tokio runtime's threads
 //! are therefore created with every signal blocked, so no Postgres signal handler can run on
@@ -12,6 +13,7 @@
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::runtime::{Builder, Runtime};
 
@@ -19,18 +21,46 @@ unsafe extern "C-unwind" {
     /// Postgres' SIGTERM handler for backends (pgrx only exposes a wrapper, not the symbol).
     #[link_name = "die"]
     fn postgres_die(signal: std::ffi::c_int);
+    /// Postgres' SIGINT handler: cancels the running statement. Statement and lock timeouts
+    /// fire by sending SIGINT to the process itself.
+    #[link_name = "StatementCancelHandler"]
+    fn postgres_statement_cancel(signal: std::ffi::c_int);
 }
+
+/// Set while a cancel must not cut a wait short (the wait for synchronous standbys).
+static IGNORE_CANCEL: AtomicBool = AtomicBool::new(false);
 
 pub fn install() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
     // SAFETY: installing handlers at process start, before any other work.
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
-        pg_sys::pqsignal(pg_sys::SIGINT as i32, Some(ignore));
+        pg_sys::pqsignal(pg_sys::SIGINT as i32, Some(cancel));
     }
 }
 
-unsafe extern "C-unwind" fn ignore(_signal: std::ffi::c_int) {}
+/// SIGINT: Postgres' statement cancel, unless a wait must not be cancelled.
+unsafe extern "C-unwind" fn cancel(signal: std::ffi::c_int) {
+    if !IGNORE_CANCEL.load(Ordering::SeqCst) {
+        // SAFETY: Postgres' own handler for this signal, called as a signal handler.
+        unsafe { postgres_statement_cancel(signal) }
+    }
+}
+
+/// Runs `f` with cancels (SIGINT) ignored.
+pub fn without_cancel<R>(f: impl FnOnce() -> R) -> R {
+    IGNORE_CANCEL.store(true, Ordering::SeqCst);
+    let result = f();
+    IGNORE_CANCEL.store(false, Ordering::SeqCst);
+    result
+}
+
+/// Drops a cancel that arrived when no statement ran: it was about nothing.
+pub fn drop_stale_cancel() {
+    // SAFETY: a flag of the main thread's interrupt handling; cleared as ProcessInterrupts
+    // would after a cancel outside a statement.
+    unsafe { std::ptr::write_volatile(&raw mut pg_sys::QueryCancelPending, 0) };
+}
 
 /// Whether SIGTERM (shutdown, `pg_terminate_backend`) has arrived.
 pub fn stop_requested() -> bool {
@@ -74,7 +104,9 @@ pub fn wait(timeout: Duration) -> bool {
     if stop_requested() {
         return false;
     }
-    // Serves other interrupts (e.g. ProcSignal barriers); never raises here as no die is pending.
+    drop_stale_cancel();
+    // Serves other interrupts (e.g. ProcSignal barriers); never raises here: no die is pending
+    // and a cancel between statements was dropped.
     pg_sys::check_for_interrupts!();
     true
 }

@@ -323,6 +323,7 @@ mod tests {
             Some(ERRCODE_INSUFFICIENT_PRIVILEGE)
         );
         assert_eq!(sqlstate("SELECT pending FROM outbox.stats"), None);
+        assert_eq!(sqlstate("SELECT outbox.wake_worker_at_commit()"), Some(ERRCODE_INSUFFICIENT_PRIVILEGE));
         Spi::run("RESET ROLE").unwrap();
         assert_eq!(pending(), 2);
     }

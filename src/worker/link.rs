@@ -277,8 +277,11 @@ impl<'rt> Link<'rt> {
     /// Ends the session without waiting for it (its rows belong to a table that is gone);
     /// connects again at once.
     pub fn abandon_session(&mut self, backoff_max: Duration) {
-        if let State::Running(_) = self.state {
-            self.state = State::Down;
+        match std::mem::replace(&mut self.state, State::Down) {
+            // Stopped, not detached: nothing of it may be published from now on. Its publisher
+            // (and connection) is dropped with it.
+            State::Running(running) => running.task.abort(),
+            other => self.state = other,
         }
         self.reconnect.restart(backoff_max, Instant::now());
     }
@@ -288,14 +291,18 @@ impl<'rt> Link<'rt> {
     pub fn close(&mut self, grace: Duration) -> Vec<Report> {
         let mut last = Vec::new();
         match std::mem::replace(&mut self.state, State::Down) {
-            State::Running(Running { feed, mut reports, task }) => {
+            State::Running(Running { feed, mut reports, mut task }) => {
                 drop(feed);
-                let finished = self.runtime.block_on(tokio::time::timeout(grace, task));
+                let finished = self.runtime.block_on(tokio::time::timeout(grace, &mut task));
                 while let Ok(r) = reports.try_recv() {
                     last.push(r);
                 }
-                if let Ok(Ok((publisher, _))) = finished {
-                    self.runtime.block_on(publisher.close());
+                match finished {
+                    Ok(Ok((publisher, _))) => self.runtime.block_on(publisher.close()),
+                    // Still running after its grace: stopped, so that nothing of it is
+                    // published on the old connection after the worker moved on.
+                    Err(_) => task.abort(),
+                    Ok(Err(_)) => {}
                 }
             }
             State::Idle(publisher) => self.runtime.block_on(publisher.close()),

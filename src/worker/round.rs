@@ -178,7 +178,7 @@ fn db_step(
         batch.commit_lsn = if wait_for_standbys && !batch.messages.is_empty() {
             durability::insert_lsn()
         } else {
-            durability::flush_target(batch.commit_lsn)
+            durability::flush_target(&batch.xmins)
         };
         let next_retry = if batch.full { None } else { store::next_retry_in()? };
         Ok(Step::Done { generation, floor, batch, next_retry })

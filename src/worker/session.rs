@@ -38,9 +38,26 @@ pub const PINNED: &[(&str, &str)] = &[
     ("enable_sort", "on"),
     ("enable_hashagg", "on"),
     ("enable_material", "on"),
+    ("enable_tidscan", "on"),
+    ("enable_memoize", "on"),
+    ("enable_incremental_sort", "on"),
+    // The cost constants at Postgres' defaults: a database's extreme values could otherwise
+    // make a sequential scan look cheaper than the index scans the worker relies on.
+    ("seq_page_cost", "1"),
+    ("random_page_cost", "4"),
+    ("cpu_tuple_cost", "0.01"),
+    ("cpu_index_tuple_cost", "0.005"),
+    ("cpu_operator_cost", "0.0025"),
+    ("effective_cache_size", "4GB"),
     ("jit", "off"),
     ("max_parallel_workers_per_gather", "0"),
     ("row_security", "on"),
+    // An error the worker catches stays an error (not a FATAL that would end it on one row).
+    ("exit_on_error", "off"),
+    // No plan dumps in the log every round.
+    ("debug_print_parse", "off"),
+    ("debug_print_rewritten", "off"),
+    ("debug_print_plan", "off"),
     ("application_name", "pg_outbox worker"),
 ];
 
@@ -81,14 +98,19 @@ pub fn pin() {
 
 fn set(name: &str, value: &str) {
     let (Ok(name), Ok(value)) = (CString::new(name), CString::new(value)) else { return };
-    // SAFETY: valid settings and values (a fixed list); as a session setting it outranks
-    // database and role settings. Outside a transaction it stays for the session.
+    // SAFETY: a fixed list of settings and values; as a session setting it outranks database
+    // and role settings, and outside a transaction it stays for the session. A setting this
+    // Postgres does not know is reported as a warning, not raised.
     unsafe {
-        pg_sys::SetConfigOption(
+        pg_sys::set_config_option(
             name.as_ptr(),
             value.as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_SESSION,
-        )
+            pg_sys::GucAction::GUC_ACTION_SET,
+            true,
+            pg_sys::WARNING as i32,
+            false,
+        );
     }
 }

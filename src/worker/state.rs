@@ -127,12 +127,19 @@ impl<'rt> Worker<'rt> {
         let last = self.link.close(SHUTDOWN_GRACE);
         self.take_reports(last);
         if self.ledger.has_outcomes() {
-            // Interrupts held: the pending SIGTERM must not cut the recording short.
-            // SAFETY: paired with the decrement below; nothing in between returns early.
-            unsafe { pg_sys::InterruptHoldoffCount += 1 };
+            // The SIGTERM that brought us here is set aside while the outcomes are recorded,
+            // so that it does not cut the recording short; the statement and lock timeouts
+            // still bound it, and another SIGTERM ends it.
+            // SAFETY: flags of the main thread's interrupt handling, restored below.
+            let pending = unsafe { std::ptr::replace(&raw mut pg_sys::ProcDiePending, 0) };
             self.record_on_exit();
-            // SAFETY: see above.
-            unsafe { pg_sys::InterruptHoldoffCount -= 1 };
+            // SAFETY: as above.
+            unsafe {
+                if pending != 0 {
+                    pg_sys::ProcDiePending = pending;
+                    pg_sys::InterruptPending = 1;
+                }
+            }
         }
     }
 

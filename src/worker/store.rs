@@ -71,7 +71,7 @@ const TRUNCATE: &str = "TRUNCATE outbox.messages";
 
 const NEXT_RETRY_IN: &str = "\
 SELECT (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::int8
-  FROM outbox.messages WHERE next_attempt_at IS NOT NULL";
+  FROM outbox.messages WHERE next_attempt_at IS NOT NULL AND isfinite(next_attempt_at)";
 
 thread_local! {
     static PLANS: RefCell<Vec<(&'static str, OwnedPreparedStatement)>> = const { RefCell::new(Vec::new()) };
@@ -102,13 +102,16 @@ pub(super) fn run<T>(
     })
 }
 
-/// Which outbox rows are: the table's oid and its file. Both change when the extension is
-/// dropped and created again, and the file when the table is truncated (which may restart
-/// its row ids): state about rows read from one generation means nothing for the next.
+/// Which outbox rows are: the table's oid and its row-id sequence's file. The oid changes when
+/// the extension is dropped and created again, the sequence's file when its ids restart
+/// (`TRUNCATE ... RESTART IDENTITY`, `ALTER SEQUENCE ... RESTART`): either way row ids may be
+/// reused, and state about rows read from one generation means nothing for the next. (A
+/// truncate that keeps the ids, the worker's own among them, or a rewrite of the table is no
+/// new generation.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Generation {
     pub relid: u32,
-    pub relfilenode: u32,
+    pub sequence_file: u32,
 }
 
 /// What the worker found of the extension in its database.
@@ -153,8 +156,9 @@ pub fn table() -> Result<Table, DbError> {
     if messages_relid() != Some(relid) {
         return Ok(Table::Busy);
     }
-    Ok(relfilenode(relid).map_or(Table::Missing, |relfilenode| {
-        Table::Ready(Generation { relid: relid.to_u32(), relfilenode })
+    let sequence = relid_in_outbox(c"messages_id_seq").and_then(relfilenode);
+    Ok(sequence.map_or(Table::Missing, |sequence_file| {
+        Table::Ready(Generation { relid: relid.to_u32(), sequence_file })
     }))
 }
 
@@ -178,13 +182,17 @@ fn extension_version(extension: pg_sys::Oid) -> Result<Option<String>, DbError> 
 }
 
 fn messages_relid() -> Option<pg_sys::Oid> {
+    relid_in_outbox(c"messages")
+}
+
+fn relid_in_outbox(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
     // SAFETY: catalog cache lookups by name inside a transaction.
     unsafe {
         let schema = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
         if schema == pg_sys::InvalidOid {
             return None;
         }
-        let relid = pg_sys::get_relname_relid(c"messages".as_ptr(), schema);
+        let relid = pg_sys::get_relname_relid(name.as_ptr(), schema);
         (relid != pg_sys::InvalidOid).then_some(relid)
     }
 }
@@ -215,8 +223,9 @@ pub struct Batch {
     pub unreadable: Vec<(i64, i32, String)>,
     /// Whether the read stopped at its row or byte limit (more may be waiting).
     pub full: bool,
-    /// A WAL position at or after the commit record of every row taken (see
-    /// `crate::durability`), then (by the round) how far the WAL must be flushed.
+    /// The transactions that wrote the rows taken, each once.
+    pub xmins: Vec<u32>,
+    /// How far the WAL must be flushed before the rows go out (set by the round).
     pub commit_lsn: u64,
 }
 
@@ -253,7 +262,9 @@ pub fn read_batch(limits: &ReadLimits<'_>) -> Result<Batch, DbError> {
                 bytes += size;
                 let attempts = t.get::<i32>(12)?.unwrap_or_default();
                 let xmin = t.get_datum_by_ordinal(2)?.map(|d| d.value() as u32).unwrap_or(0);
-                batch.commit_lsn = batch.commit_lsn.max(crate::durability::commit_lsn(xmin));
+                if batch.xmins.last() != Some(&xmin) {
+                    batch.xmins.push(xmin);
+                }
                 match read_message(&t, row_id, attempts) {
                     Ok(m) => batch.messages.push((m, size)),
                     Err(reason) => batch.unreadable.push((row_id, attempts, reason)),

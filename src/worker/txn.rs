@@ -88,6 +88,7 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R, DbError> + UnwindSafe) ->
         // SAFETY: ends the transaction started above, committing or rolling back.
         unsafe {
             disable_timeout(STATEMENT_TIMEOUT, false);
+            crate::signals::drop_stale_cancel();
             pg_sys::PopActiveSnapshot();
             if result.is_ok() {
                 pg_sys::CommitTransactionCommand();
@@ -114,6 +115,7 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R, DbError> + UnwindSafe) ->
         // SAFETY: aborting is always allowed after an error; it also drops the snapshot.
         unsafe {
             disable_timeout(STATEMENT_TIMEOUT, false);
+            crate::signals::drop_stale_cancel();
             pg_sys::AbortCurrentTransaction();
         }
         Err(error)

@@ -301,3 +301,50 @@ fn a_dump_and_restore_keeps_the_outbox_whole_and_ordered() {
     assert_eq!(acc1.len(), 11);
     assert!(ids(&got).contains(&message_id.to_string()));
 }
+
+#[test]
+fn a_locked_or_parked_row_delays_the_worker_only_while_it_is_so() {
+    let _alone = exclusive();
+    let cluster = Cluster::start(&[]);
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    let worker = cluster.wait_for_worker();
+    let mut db = cluster.client();
+    let publish = |db: &mut Client, event_type: &str| -> String {
+        db.query_one("SELECT outbox.publish($1, '{}', exchange => $2)::text", &[&event_type, &exchange.name])
+            .unwrap()
+            .get(0)
+    };
+    // An operator parks a row (its next attempt at infinity): it waits, nothing else does.
+    cluster.cut_off_broker();
+    let parked = publish(&mut db, "Parked");
+    db.batch_execute("UPDATE outbox.messages SET next_attempt_at = 'infinity'").unwrap();
+    publish(&mut db, "Flowing");
+    cluster.reconnect_broker();
+    consumer.wait_for(1, WITHIN);
+    consumer.expect_no_more(1, Duration::from_secs(1));
+    assert_ne!(consumer.received()[0].message_id.as_deref(), Some(parked.as_str()));
+    db.batch_execute("DELETE FROM outbox.messages").unwrap();
+
+    // A session holds a row lock on an event the broker then confirms: the worker's delete
+    // waits for its lock_timeout, the round fails and is retried, until the lock goes.
+    cluster.cut_off_broker();
+    let locked = publish(&mut db, "Locked");
+    let mut holder = cluster.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT 1 FROM outbox.messages WHERE message_id = $1::text::uuid FOR UPDATE", &[&locked])
+        .unwrap();
+    cluster.reconnect_broker();
+    let error: String = wait_until(WITHIN, "the worker's lock timeout", || {
+        let row =
+            cluster.client().query_one("SELECT worker_state, last_error FROM outbox.stats", &[]).ok()?;
+        let (state, error): (String, Option<String>) = (row.get(0), row.get(1));
+        (state == "database error").then_some(error.unwrap_or_default())
+    });
+    assert!(error.contains("55P03"), "{error}");
+    assert!(ids(&consumer.received()).contains(&locked));
+    tx.rollback().unwrap();
+    cluster.wait_drained(WITHIN);
+    assert_eq!(cluster.worker_pid(), Some(worker), "the same worker throughout");
+}

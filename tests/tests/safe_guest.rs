@@ -143,6 +143,9 @@ fn a_tenant_with_create_on_public_and_its_own_database_gains_nothing() {
              ALTER DATABASE {DB} SET enable_bitmapscan = off;
              ALTER DATABASE {DB} SET lock_timeout = '1ms';
              ALTER DATABASE {DB} SET default_transaction_isolation = serializable;
+             ALTER DATABASE {DB} SET exit_on_error = on;
+             ALTER DATABASE {DB} SET debug_print_plan = on;
+             ALTER DATABASE {DB} SET random_page_cost = 1e12;
              ALTER ROLE tenant SET search_path = public, pg_catalog;"
         ))
         .unwrap();
@@ -220,6 +223,9 @@ fn a_tenant_with_create_on_public_and_its_own_database_gains_nothing() {
         })
         .collect();
     assert!(worker_errors.is_empty(), "{worker_errors:#?}");
+    let plan_dumps =
+        log.lines().filter(|l| l.contains("pg_outbox worker") && l.contains("LOG:  plan:")).count();
+    assert_eq!(plan_dumps, 0, "the worker's session ignores debug_print_plan");
 }
 
 #[test]
