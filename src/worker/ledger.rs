@@ -2,7 +2,7 @@
 //! the outcomes that came back and are still to be recorded in the outbox. Pure Rust.
 //!
 //! Everything in it belongs to one generation of the outbox table (see
-//! `store::Generation`): row ids mean nothing in another, so a new generation clears it.
+//! `table::Generation`): row ids mean nothing in another, so a new generation clears it.
 //! Outcomes are taken out exactly once for recording ([`Ledger::take_outcomes`]) and put
 //! back only if recording failed ([`Ledger::restore`]).
 

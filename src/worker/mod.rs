@@ -9,8 +9,8 @@
 //!   soon as the broker's confirm arrives.
 //!
 //! The pieces, each its own state machine: [`link`] (the broker connection and its back-off),
-//! [`ledger`] (what is in flight and what came back), [`floor`] (where reads start), [`store`]
-//! (the SQL), `crate::durability` (no event before its transaction is durable), [`session`] (the
+//! [`ledger`] (what is in flight and what came back), [`floor`] (where reads start), [`table`]
+//! (which outbox, which generation), [`store`] (the SQL), `crate::durability` (no event before its transaction is durable), [`session`] (the
 //! database session's role and pinned settings), [`settings`], [`status`] and [`txn`]; the
 //! [`state`] they make up between rounds.
 //!
@@ -27,6 +27,7 @@ mod settings;
 mod state;
 mod status;
 mod store;
+mod table;
 mod txn;
 
 use crate::{signals, wake};

@@ -15,7 +15,8 @@ use super::ledger::Outcomes;
 use super::link::Status as LinkStatus;
 use super::state::Worker;
 use super::status::DbState;
-use super::store::{self, Batch, Generation, ReadLimits, Table};
+use super::store::{self, Batch, ReadLimits};
+use super::table::{self, Generation, Table};
 use super::txn::{self, DbError};
 use crate::durability;
 use crate::wake;
@@ -155,7 +156,7 @@ fn db_step(
     let floor_value = w.floor.value();
     let wait_for_standbys = w.settings.wait_for_sync_standbys;
     txn::in_transaction(AssertUnwindSafe(|| {
-        let generation = match store::table()? {
+        let generation = match table::table()? {
             Table::Ready(g) => g,
             other => return Ok(Step::NotReady(other)),
         };

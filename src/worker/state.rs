@@ -7,7 +7,8 @@ use super::ledger::Ledger;
 use super::link::Link;
 use super::settings::Settings;
 use super::status::Status;
-use super::store::{self, Generation, Table};
+use super::store;
+use super::table::{self, Generation, Table};
 use super::txn;
 use crate::signals;
 use pg_outbox_core::outcome::{Outcome, Report};
@@ -147,7 +148,7 @@ impl<'rt> Worker<'rt> {
     fn record_on_exit(&mut self) {
         let outcomes = self.ledger.take_outcomes();
         let expected = self.ledger.generation();
-        let recorded = txn::in_transaction(AssertUnwindSafe(|| match store::table()? {
+        let recorded = txn::in_transaction(AssertUnwindSafe(|| match table::table()? {
             Table::Ready(g) if Some(g) == expected => store::record_outcomes(&outcomes).map(|_| true),
             _ => Ok(false),
         }));

@@ -4,7 +4,7 @@
 //! summary that names no address for everyone else.
 
 use super::ledger::Outcomes;
-use super::store::SCHEMA_VERSION;
+use super::table::SCHEMA_VERSION;
 use super::txn::DbError;
 use crate::shmem;
 use pgrx::prelude::*;

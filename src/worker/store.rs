@@ -1,5 +1,5 @@
-//! The worker's SQL: which outbox it is looking at, reading a batch, and recording what
-//! happened to what it read. Everything here runs inside a transaction opened by
+//! The worker's SQL: reading a batch, and recording what happened to what it read (which
+//! outbox it is looking at is `table`). Everything here runs inside a transaction opened by
 //! [`super::txn`], with the worker's pinned `search_path` (`pg_catalog, pg_temp`) and
 //! schema-qualified names, so it resolves only the extension's own objects.
 //!
@@ -8,6 +8,7 @@
 //! other. Both checks use a small partial index that only holds retrying rows.
 
 use super::ledger::{Failure, Outcomes};
+use super::table::Generation;
 use super::txn::DbError;
 use crate::encoding;
 use pg_outbox_core::message::OutboxMessage;
@@ -16,12 +17,7 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use std::cell::RefCell;
-use std::time::{Duration, Instant};
-
-/// The schema version this library's SQL expects (`pg_extension.extversion`).
-pub const SCHEMA_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-const EXTENSION_VERSION: &str = "SELECT e.extversion::text FROM pg_catalog.pg_extension e WHERE e.oid = $1";
+use std::time::Duration;
 
 // The next publishable rows above the floor ($2), in row order. Payload and headers come as
 // stored (maybe still toasted): rows already handed over cost little to skip, and the size of
@@ -100,117 +96,6 @@ pub(super) fn run<T>(
         let table = client.update(&plans[position].1, None, args)?;
         read(table)
     })
-}
-
-/// Which outbox rows are: the table's oid and its row-id sequence's file. The oid changes when
-/// the extension is dropped and created again, the sequence's file when its ids restart
-/// (`TRUNCATE ... RESTART IDENTITY`, `ALTER SEQUENCE ... RESTART`): either way row ids may be
-/// reused, and state about rows read from one generation means nothing for the next. (A
-/// truncate that keeps the ids, the worker's own among them, or a rewrite of the table is no
-/// new generation.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Generation {
-    pub relid: u32,
-    pub sequence_file: u32,
-}
-
-/// What the worker found of the extension in its database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Table {
-    Missing,
-    /// Installed, but at another version than this library's (an upgrade is half done).
-    OtherVersion(String),
-    /// The table is locked by someone else (DROP EXTENSION, say): stay out of the way.
-    Busy,
-    /// Installed; the table is locked for this transaction.
-    Ready(Generation),
-}
-
-thread_local! {
-    /// The version `pg_extension` gave for an extension oid, and when.
-    static VERSION: RefCell<Option<(pg_sys::Oid, String, Instant)>> = const { RefCell::new(None) };
-}
-
-/// How long a version read for an extension oid is trusted (an `ALTER EXTENSION UPDATE` keeps
-/// the oid).
-const VERSION_RECHECK: Duration = Duration::from_secs(5);
-
-/// Finds the outbox and, when it is there, takes the lock a round needs without waiting for
-/// it. Cheap: catalog cache lookups, the lock, and a version read every few seconds.
-pub fn table() -> Result<Table, DbError> {
-    // SAFETY: catalog lookups by name inside a transaction; `missing_ok` avoids errors.
-    let extension = unsafe { pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true) };
-    if extension == pg_sys::InvalidOid {
-        return Ok(Table::Missing);
-    }
-    let version = extension_version(extension)?;
-    if version.as_deref() != Some(SCHEMA_VERSION) {
-        return Ok(version.map_or(Table::Missing, Table::OtherVersion));
-    }
-    let Some(relid) = messages_relid() else { return Ok(Table::Missing) };
-    // SAFETY: a conditional lock inside a transaction, released at its end.
-    if !unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) } {
-        return Ok(Table::Busy);
-    }
-    // Under the lock, the name still means this table (locking processed invalidations).
-    if messages_relid() != Some(relid) {
-        return Ok(Table::Busy);
-    }
-    let sequence = relid_in_outbox(c"messages_id_seq").and_then(relfilenode);
-    Ok(sequence.map_or(Table::Missing, |sequence_file| {
-        Table::Ready(Generation { relid: relid.to_u32(), sequence_file })
-    }))
-}
-
-fn extension_version(extension: pg_sys::Oid) -> Result<Option<String>, DbError> {
-    let cached = VERSION.with(|v| {
-        v.borrow()
-            .as_ref()
-            .filter(|(oid, _, at)| *oid == extension && at.elapsed() < VERSION_RECHECK)
-            .map(|(_, v, _)| v.clone())
-    });
-    if cached.is_some() {
-        return Ok(cached);
-    }
-    let version = Spi::connect_mut(|c| {
-        run(c, EXTENSION_VERSION, &[extension.into()], |t| {
-            Ok(if t.is_empty() { None } else { t.first().get::<String>(1)? })
-        })
-    })?;
-    VERSION.with(|v| *v.borrow_mut() = version.clone().map(|s| (extension, s, Instant::now())));
-    Ok(version)
-}
-
-fn messages_relid() -> Option<pg_sys::Oid> {
-    relid_in_outbox(c"messages")
-}
-
-fn relid_in_outbox(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
-    // SAFETY: catalog cache lookups by name inside a transaction.
-    unsafe {
-        let schema = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
-        if schema == pg_sys::InvalidOid {
-            return None;
-        }
-        let relid = pg_sys::get_relname_relid(name.as_ptr(), schema);
-        (relid != pg_sys::InvalidOid).then_some(relid)
-    }
-}
-
-fn relfilenode(relid: pg_sys::Oid) -> Option<u32> {
-    // SAFETY: a catalog cache lookup by oid, released before returning; the tuple is a
-    // pg_class row while held.
-    unsafe {
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, relid.into());
-        if tuple.is_null() {
-            return None;
-        }
-        let header = (*tuple).t_data;
-        let form = header.cast::<u8>().add((*header).t_hoff as usize).cast::<pg_sys::FormData_pg_class>();
-        let node = (*form).relfilenode.to_u32();
-        pg_sys::ReleaseSysCache(tuple);
-        Some(node)
-    }
 }
 
 /// A batch as read.
