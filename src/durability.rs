@@ -133,8 +133,8 @@ pub fn wait_for_sync_standbys(lsn: u64) -> bool {
     flush(lsn);
     // SAFETY: the worker's main thread, outside a transaction. The wait is the one commits
     // use; it needs interrupts held (it handles a pending SIGTERM itself, with a warning) and
-    // `synchronous_commit` at `on` to know which confirmation to wait for. The worker ignores
-    // SIGINT, so only a stop or postmaster death ends it early.
+    // `synchronous_commit` at `on` to know which confirmation to wait for. SIGINT is ignored
+    // while it waits, so only a stop or postmaster death ends it early.
     unsafe {
         pg_sys::SetConfigOption(
             c"synchronous_commit".as_ptr(),

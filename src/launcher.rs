@@ -234,8 +234,7 @@ unsafe fn find_by_name<T, R: Copy>(
             if tuple.is_null() {
                 break;
             }
-            let header = (*tuple).t_data;
-            let row = &*(header.cast::<u8>().add((*header).t_hoff as usize).cast::<T>());
+            let row = &*pg_sys::heap_tuple_get_struct::<T>(tuple);
             let (value, row_name) = fields(row);
             if std::ffi::CStr::from_ptr(row_name.data.as_ptr()).to_bytes() == name.as_bytes() {
                 found = Some(value);

@@ -4,6 +4,7 @@
 //! the plain backlog drain of the same run.
 
 use crate::cpu::measure;
+use crate::latency::paced_publish;
 use crate::relay::{bounded_queue, drain, published_total, raw_measured, write_backlog, Sizes};
 use crate::{progress, Row};
 use pg_outbox_tests::{unique, wait_until, Broker, Cluster};
@@ -26,38 +27,6 @@ fn write_in_one_transaction(cluster: &Cluster, exchange: &str, count: u64) -> In
     .unwrap();
     tx.commit().unwrap();
     Instant::now()
-}
-
-/// `clients` writers committing `per_second` events per second in all, one per transaction.
-fn steady_flow(cluster: &Cluster, exchange: &str, per_second: u64, clients: u64, seconds: u64) -> u64 {
-    let interval = Duration::from_secs_f64(clients as f64 / per_second as f64);
-    let started = Instant::now();
-    let writers: Vec<_> = (0..clients)
-        .map(|c| {
-            let mut db = cluster.client();
-            let exchange = exchange.to_string();
-            std::thread::spawn(move || {
-                let mut next = started + interval.mul_f64(c as f64 / clients as f64);
-                let end = started + Duration::from_secs(seconds);
-                let mut n = 0u64;
-                while next < end {
-                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    db.execute(
-                        "SELECT outbox.publish('FundsTransferEvent', '{\"amount\": 100}', aggregate_type => 'account',
-                                               aggregate_id => $1, exchange => $2)",
-                        &[&format!("{c}-{}", n % 50), &exchange],
-                    )
-                    .unwrap();
-                    n += 1;
-                    next += interval;
-                }
-                n
-            })
-        })
-        .collect();
-    writers.into_iter().map(|w| w.join().unwrap()).sum()
 }
 
 fn connected_cluster() -> Cluster {
@@ -120,7 +89,7 @@ pub fn after_idle_and_flow(sizes: &Sizes, idle: Duration, plain: Option<f64>) ->
 
     let cluster = connected_cluster();
     progress("10 s of steady flow at 1,000 events/s, then a backlog");
-    let flowed = steady_flow(&cluster, &exchange, 1000, 4, 10);
+    let flowed = paced_publish(&cluster, &exchange, 1000, 4, 10).len();
     cluster.cut_off_broker();
     write_backlog(&cluster, &exchange, count);
     let rate = drain(&cluster, count);

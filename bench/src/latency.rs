@@ -8,7 +8,7 @@ use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments};
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::BasicProperties;
 use pg_outbox_tests::{unique, wait_until, Broker, Cluster};
-use postgres::{Client, NoTls};
+use postgres::Client;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -74,19 +74,24 @@ fn publish(db: &mut Client, exchange: &str, aggregate: &str) -> Uuid {
 }
 
 /// `clients` clients each committing `per_second / clients` events per second for `seconds`,
-/// one event per transaction; latency from COMMIT returning to the consumer receiving it.
-fn steady(cluster: &Cluster, broker: &Broker, per_second: u64, clients: u64, seconds: u64) -> Percentiles {
-    let exchange = unique("bench.latency");
-    broker.exchange(&exchange);
-    let consumer = broker.consume(&exchange, "#");
+/// one event per transaction, evenly staggered; each event's message id and the moment its
+/// COMMIT returned.
+pub fn paced_publish(
+    cluster: &Cluster,
+    exchange: &str,
+    per_second: u64,
+    clients: u64,
+    seconds: u64,
+) -> Vec<(String, Instant)> {
     let interval = Duration::from_secs_f64(clients as f64 / per_second as f64);
-    let started = Instant::now() + Duration::from_millis(200);
-    let writers: Vec<_> = (0..clients)
-        .map(|c| {
-            let conninfo = format!("host=127.0.0.1 port={} user=postgres dbname=app", cluster.port);
-            let exchange = exchange.clone();
+    let mut dbs: Vec<Client> = (0..clients).map(|_| cluster.client()).collect();
+    let started = Instant::now();
+    let writers: Vec<_> = dbs
+        .drain(..)
+        .enumerate()
+        .map(|(c, mut db)| {
+            let exchange = exchange.to_string();
             std::thread::spawn(move || {
-                let mut db = Client::connect(&conninfo, NoTls).unwrap();
                 let mut committed = Vec::new();
                 let mut next = started + interval.mul_f64(c as f64 / clients as f64);
                 let end = started + Duration::from_secs(seconds);
@@ -104,7 +109,15 @@ fn steady(cluster: &Cluster, broker: &Broker, per_second: u64, clients: u64, sec
             })
         })
         .collect();
-    let committed: Vec<(String, Instant)> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    writers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+}
+
+/// Latency from COMMIT returning to the consumer receiving the event, under a paced flow.
+fn steady(cluster: &Cluster, broker: &Broker, per_second: u64, clients: u64, seconds: u64) -> Percentiles {
+    let exchange = unique("bench.latency");
+    broker.exchange(&exchange);
+    let consumer = broker.consume(&exchange, "#");
+    let committed = paced_publish(cluster, &exchange, per_second, clients, seconds);
     let got = consumer.wait_for(committed.len(), Duration::from_secs(60));
     let received: HashMap<String, Instant> =
         got.iter().map(|d| (d.message_id.clone().unwrap(), d.received_at)).collect();

@@ -109,13 +109,3 @@ pub enum SessionEnd {
     ChannelLost(String),
     ConnectionLost(Lost),
 }
-
-impl SessionEnd {
-    pub fn reason(&self) -> &str {
-        match self {
-            SessionEnd::Finished => "finished",
-            SessionEnd::ChannelLost(r) => r,
-            SessionEnd::ConnectionLost(l) => &l.reason,
-        }
-    }
-}

@@ -115,8 +115,7 @@ fn relfilenode(relid: pg_sys::Oid) -> Option<u32> {
         if tuple.is_null() {
             return None;
         }
-        let header = (*tuple).t_data;
-        let form = header.cast::<u8>().add((*header).t_hoff as usize).cast::<pg_sys::FormData_pg_class>();
+        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple);
         let node = (*form).relfilenode.to_u32();
         pg_sys::ReleaseSysCache(tuple);
         Some(node)
