@@ -89,7 +89,7 @@ pub fn after_idle_and_flow(sizes: &Sizes, idle: Duration, plain: Option<f64>) ->
 
     let cluster = connected_cluster();
     progress("10 s of steady flow at 1,000 events/s, then a backlog");
-    let flowed = paced_publish(&cluster, &exchange, 1000, 4, 10).len();
+    let flowed = paced_publish(&cluster, &exchange, r#"{"amount": 100}"#, 1000, 4, 10).len();
     cluster.cut_off_broker();
     write_backlog(&cluster, &exchange, count);
     let rate = drain(&cluster, count);

@@ -63,10 +63,15 @@ fn raw_single(broker: &Broker, exchange: &str, samples: usize) -> Percentiles {
     )
 }
 
-fn publish(db: &mut Client, exchange: &str, aggregate: &str) -> Uuid {
+/// The payload of the latency benchmarks' events.
+const TRANSFER: &str = r#"{"amount": 100, "from": "123", "to": "456"}"#;
+
+fn publish(db: &mut Client, exchange: &str, aggregate: &str, payload: &str) -> Uuid {
     db.query_one(
-        "SELECT outbox.publish('FundsTransferEvent', '{\"amount\": 100, \"from\": \"123\", \"to\": \"456\"}',
-                               aggregate_type => 'account', aggregate_id => $1, exchange => $2)",
+        &format!(
+            "SELECT outbox.publish('FundsTransferEvent', '{payload}',
+                                   aggregate_type => 'account', aggregate_id => $1, exchange => $2)"
+        ),
         &[&aggregate, &exchange],
     )
     .unwrap()
@@ -79,6 +84,7 @@ fn publish(db: &mut Client, exchange: &str, aggregate: &str) -> Uuid {
 pub fn paced_publish(
     cluster: &Cluster,
     exchange: &str,
+    payload: &str,
     per_second: u64,
     clients: u64,
     seconds: u64,
@@ -90,7 +96,7 @@ pub fn paced_publish(
         .drain(..)
         .enumerate()
         .map(|(c, mut db)| {
-            let exchange = exchange.to_string();
+            let (exchange, payload) = (exchange.to_string(), payload.to_string());
             std::thread::spawn(move || {
                 let mut committed = Vec::new();
                 let mut next = started + interval.mul_f64(c as f64 / clients as f64);
@@ -100,7 +106,7 @@ pub fn paced_publish(
                     if let Some(wait) = next.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
-                    let id = publish(&mut db, &exchange, &format!("{c}-{}", n % 50));
+                    let id = publish(&mut db, &exchange, &format!("{c}-{}", n % 50), &payload);
                     committed.push((id.to_string(), Instant::now()));
                     n += 1;
                     next += interval;
@@ -117,7 +123,7 @@ fn steady(cluster: &Cluster, broker: &Broker, per_second: u64, clients: u64, sec
     let exchange = unique("bench.latency");
     broker.exchange(&exchange);
     let consumer = broker.consume(&exchange, "#");
-    let committed = paced_publish(cluster, &exchange, per_second, clients, seconds);
+    let committed = paced_publish(cluster, &exchange, TRANSFER, per_second, clients, seconds);
     let got = consumer.wait_for(committed.len(), Duration::from_secs(60));
     let received: HashMap<String, Instant> =
         got.iter().map(|d| (d.message_id.clone().unwrap(), d.received_at)).collect();
@@ -136,7 +142,7 @@ fn idle(cluster: &Cluster, broker: &Broker, samples: usize) -> Percentiles {
     let mut latencies = Vec::new();
     for n in 0..samples {
         std::thread::sleep(Duration::from_millis(100));
-        publish(&mut db, &exchange, "idle");
+        publish(&mut db, &exchange, "idle", TRANSFER);
         let committed = Instant::now();
         let got = consumer.wait_for(n + 1, Duration::from_secs(30));
         latencies.push(got[n].received_at.saturating_duration_since(committed));
