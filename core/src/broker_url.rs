@@ -10,12 +10,16 @@ use std::time::Duration;
 use url::Url;
 
 pub const DEFAULT_PORT: u16 = 5672;
+/// The port of `amqps://` URLs that name none.
+pub const DEFAULT_TLS_PORT: u16 = 5671;
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 30;
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A parsed broker address. `Debug` and `Display` never show the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
+    /// `amqps://`: TLS, with the server's certificate and host name verified (see `tls`).
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     pub username: String,
@@ -31,7 +35,7 @@ pub struct BrokerUrl {
 pub enum UrlError {
     #[error("not a valid URL ({0})")]
     Syntax(String),
-    #[error("scheme must be amqp, not {0:?} (amqps is not supported by this build)")]
+    #[error("scheme must be amqp or amqps, not {0:?}")]
     Scheme(String),
     #[error("the URL has no host")]
     NoHost,
@@ -47,9 +51,11 @@ impl BrokerUrl {
     pub fn parse(text: &str) -> Result<Self, UrlError> {
         // The url crate's error text never echoes the input, so it cannot leak a password.
         let url = Url::parse(text.trim()).map_err(|e| UrlError::Syntax(e.to_string()))?;
-        if url.scheme() != "amqp" {
-            return Err(UrlError::Scheme(url.scheme().to_string()));
-        }
+        let tls = match url.scheme() {
+            "amqp" => false,
+            "amqps" => true,
+            other => return Err(UrlError::Scheme(other.to_string())),
+        };
         let host = match url.host_str() {
             Some(h) if !h.is_empty() => h.trim_start_matches('[').trim_end_matches(']').to_string(),
             _ => return Err(UrlError::NoHost),
@@ -71,8 +77,9 @@ impl BrokerUrl {
             p => decode(&p[1..], "vhost")?,
         };
         let mut parsed = BrokerUrl {
+            tls,
             host,
-            port: url.port().unwrap_or(DEFAULT_PORT),
+            port: url.port().unwrap_or(if tls { DEFAULT_TLS_PORT } else { DEFAULT_PORT }),
             username,
             password,
             vhost,
@@ -123,7 +130,8 @@ fn percent_decode(s: &str) -> Option<String> {
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
-        write!(f, "amqp://{}@{}:{}/", self.username, host, self.port)?;
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        write!(f, "{scheme}://{}@{}:{}/", self.username, host, self.port)?;
         if self.vhost == "/" {
             f.write_str("%2F")
         } else {
@@ -173,9 +181,19 @@ mod tests {
     }
 
     #[test]
+    fn amqps_means_tls_on_5671_unless_a_port_is_given() {
+        let u = BrokerUrl::parse("amqps://app:pw@mq.example/%2F").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.port, 5671);
+        assert_eq!(u.to_string(), "amqps://app@mq.example:5671/%2F");
+        assert_eq!(BrokerUrl::parse("amqps://h:6000").unwrap().port, 6000);
+        assert!(!BrokerUrl::parse("amqp://h").unwrap().tls);
+    }
+
+    #[test]
     fn rejects_what_it_cannot_use() {
         assert!(matches!(BrokerUrl::parse("http://h"), Err(UrlError::Scheme(_))));
-        assert!(matches!(BrokerUrl::parse("amqps://h"), Err(UrlError::Scheme(_))));
+        assert!(matches!(BrokerUrl::parse("amqpx://h"), Err(UrlError::Scheme(_))));
         assert!(matches!(BrokerUrl::parse("not a url"), Err(UrlError::Syntax(_))));
         assert!(matches!(BrokerUrl::parse("amqp://h?heartbeat=x"), Err(UrlError::QueryValue { .. })));
         assert!(matches!(
@@ -195,7 +213,7 @@ mod tests {
         assert_eq!(u.to_string(), "amqp://app@h:5672/v");
         assert_eq!(u.scrub("auth failed for hunter2secret"), "auth failed for ***");
         for bad in [
-            "amqps://app:hunter2secret@h",
+            "amqpz://app:hunter2secret@h",
             "amqp://app:hunter2secret@h?x=1",
             "amqp://app:hunter2secret@h?heartbeat=z",
         ] {

@@ -13,6 +13,7 @@ pub mod ordering;
 pub mod outcome;
 pub mod publisher;
 pub mod retry;
+pub mod tls;
 pub mod validate;
 
 pub use broker_url::BrokerUrl;

@@ -15,6 +15,7 @@ const WITHIN: Duration = Duration::from_secs(30);
 fn config(exchange: &str) -> PublisherConfig {
     PublisherConfig {
         url: BrokerUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2F").unwrap(),
+        tls: Default::default(),
         default_exchange: exchange.to_string(),
         declare_default_exchange: false,
         mandatory: true,

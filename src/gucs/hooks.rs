@@ -9,7 +9,7 @@
 //! the value.
 
 use pg_outbox_core::validate::{ExchangeFilter, AMQP_SHORTSTR_MAX};
-use pg_outbox_core::BrokerUrl;
+use pg_outbox_core::{tls, BrokerUrl};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -47,6 +47,39 @@ unsafe fn reject(message: String, hint: Option<&str>) -> bool {
     false
 }
 
+/// A copy of `s` in the memory Postgres frees a setting's value and "extra" data with: plain
+/// `malloc` up to Postgres 15, its own `guc_malloc` (a memory context) since 16, which frees
+/// with `guc_free` and would crash on a `malloc`'d pointer. Null when out of memory.
+///
+/// # Safety
+/// `s` is a NUL-terminated string.
+unsafe fn guc_strdup(s: *const c_char) -> *mut c_char {
+    #[cfg(feature = "pg15")]
+    // SAFETY: as the caller promises; Postgres 15 frees GUC strings with free().
+    return unsafe { libc::strdup(s) };
+    #[cfg(not(feature = "pg15"))]
+    // SAFETY: as the caller promises; at LOG level an allocation failure returns null.
+    return unsafe { pg_sys::guc_strdup(pg_sys::LOG as i32, s) };
+}
+
+/// Frees a string Postgres handed to a check hook as the setting's new value, before the
+/// hook replaces it (see [`guc_strdup`]).
+///
+/// # Safety
+/// `p` came from Postgres' GUC allocator (or [`guc_strdup`]) and is not used afterwards.
+unsafe fn guc_free(p: *mut c_void) {
+    #[cfg(feature = "pg15")]
+    // SAFETY: as the caller promises.
+    unsafe {
+        libc::free(p)
+    };
+    #[cfg(not(feature = "pg15"))]
+    // SAFETY: as the caller promises.
+    unsafe {
+        pg_sys::guc_free(p)
+    };
+}
+
 #[pg_guard]
 pub(super) unsafe extern "C-unwind" fn check_amqp_url(
     newval: *mut *mut c_char,
@@ -64,8 +97,8 @@ pub(super) unsafe extern "C-unwind" fn check_amqp_url(
             let current = CURRENT_URL_RAW.with(|r| r.borrow().clone());
             return match current {
                 Some(current) => {
-                    *extra = libc::strdup(current.as_ptr()).cast();
-                    true
+                    *extra = guc_strdup(current.as_ptr()).cast();
+                    !(*extra).is_null()
                 }
                 None => reject("outbox.amqp_url has no value to restore".into(), None),
             };
@@ -77,13 +110,12 @@ pub(super) unsafe extern "C-unwind" fn check_amqp_url(
         if let Err(e) = BrokerUrl::parse(text) {
             return reject(
                 format!("invalid value for parameter \"outbox.amqp_url\": {e}"),
-                Some("Write it as amqp://user:password@host:port/vhost, the vhost / as %2F."),
+                Some("Write it as amqp://user:password@host:port/vhost (amqps:// for TLS), the vhost / as %2F."),
             );
         }
-        // GUC memory is malloc'd and freed by Postgres with free() (Postgres 15).
-        *extra = libc::strdup(*newval).cast();
-        libc::free((*newval).cast());
-        *newval = libc::strdup(URL_MASK.as_ptr());
+        *extra = guc_strdup(*newval).cast();
+        guc_free((*newval).cast());
+        *newval = guc_strdup(URL_MASK.as_ptr());
         !(*newval).is_null() && !(*extra).is_null()
     }
 }
@@ -163,4 +195,65 @@ pub(super) unsafe extern "C-unwind" fn assign_allowed_exchanges(newval: *const c
         ExchangeFilter::parse(&text).unwrap_or_default()
     };
     ALLOWED_EXCHANGES.with(|f| *f.borrow_mut() = filter);
+}
+
+/// Checks a TLS file setting with `check` (empty: not set).
+///
+/// # Safety
+/// Only from a GUC check hook, with its `newval`.
+unsafe fn check_tls_file(
+    newval: *mut *mut c_char,
+    name: &str,
+    check: fn(&std::path::Path) -> Result<(), String>,
+) -> bool {
+    // SAFETY: as the caller promises.
+    let text = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return true;
+        }
+        CStr::from_ptr(*newval).to_string_lossy().into_owned()
+    };
+    if text.is_empty() {
+        return true;
+    }
+    match check(std::path::Path::new(&text)) {
+        Ok(()) => true,
+        // SAFETY: called from a check hook.
+        Err(e) => unsafe {
+            reject(
+                format!("invalid value for parameter \"{name}\": {e}"),
+                Some("Give the path of a PEM file the server's operating-system user can read (relative paths are relative to the data directory)."),
+            )
+        },
+    }
+}
+
+#[pg_guard]
+pub(super) unsafe extern "C-unwind" fn check_tls_ca_file(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: a check hook.
+    unsafe { check_tls_file(newval, "outbox.amqp_tls_ca_file", tls::check_ca_file) }
+}
+
+#[pg_guard]
+pub(super) unsafe extern "C-unwind" fn check_tls_cert_file(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: a check hook.
+    unsafe { check_tls_file(newval, "outbox.amqp_tls_cert_file", tls::check_cert_file) }
+}
+
+#[pg_guard]
+pub(super) unsafe extern "C-unwind" fn check_tls_key_file(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: a check hook.
+    unsafe { check_tls_file(newval, "outbox.amqp_tls_key_file", tls::check_key_file) }
 }

@@ -5,11 +5,13 @@
 mod hooks;
 
 use pg_outbox_core::retry::RetryPolicy;
+use pg_outbox_core::tls::TlsFiles;
 use pg_outbox_core::validate::ExchangeFilter;
 use pg_outbox_core::BrokerUrl;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use std::ffi::{CStr, CString};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub const DEFAULT_AMQP_URL: &CStr = c"amqp://guest:guest@localhost:5672/%2F";
@@ -19,6 +21,10 @@ const MAX_MESSAGE_BYTES: i32 = 512 * 1024 * 1024;
 
 /// `outbox.amqp_url`: the broker. Superuser only; its password is never shown or logged.
 static AMQP_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(DEFAULT_AMQP_URL));
+/// `outbox.amqp_tls_ca_file`, `..._cert_file`, `..._key_file`: PEM files for `amqps://`.
+static TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static TLS_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 /// `outbox.database`: the database whose outbox is published.
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// `outbox.role`: the role the worker works as; empty for the bootstrap superuser.
@@ -61,7 +67,7 @@ pub fn init() {
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"outbox.amqp_url",
-            c"Broker the worker publishes to: amqp://user:password@host:port/vhost?heartbeat=30.",
+            c"Broker the worker publishes to: amqp://user:password@host:port/vhost?heartbeat=30 (amqps:// for TLS).",
             c"Superuser only. The password is never shown or logged; SHOW prints the URL without it.",
             &AMQP_URL,
             GucContext::Sighup,
@@ -69,6 +75,40 @@ pub fn init() {
             Some(hooks::check_amqp_url),
             Some(hooks::assign_amqp_url),
             Some(hooks::show_amqp_url),
+        );
+        let tls_file = |name, short, long, setting, check| {
+            GucRegistry::define_string_guc_with_hooks(
+                name,
+                short,
+                long,
+                setting,
+                GucContext::Sighup,
+                GucFlags::SUPERUSER_ONLY,
+                Some(check),
+                None,
+                None,
+            )
+        };
+        tls_file(
+            c"outbox.amqp_tls_ca_file",
+            c"PEM file of the certificate authorities the broker's certificate must chain to (amqps://).",
+            c"Empty: the system's trusted roots. The certificate and the host name are always verified.",
+            &TLS_CA_FILE,
+            hooks::check_tls_ca_file,
+        );
+        tls_file(
+            c"outbox.amqp_tls_cert_file",
+            c"PEM file of the client certificate the worker presents to the broker (mutual TLS).",
+            c"Set together with outbox.amqp_tls_key_file; empty: no client certificate.",
+            &TLS_CERT_FILE,
+            hooks::check_tls_cert_file,
+        );
+        tls_file(
+            c"outbox.amqp_tls_key_file",
+            c"PEM file of the private key of outbox.amqp_tls_cert_file.",
+            c"Must be readable by the server's operating-system user; its contents are never shown.",
+            &TLS_KEY_FILE,
+            hooks::check_tls_key_file,
         );
         GucRegistry::define_string_guc_with_hooks(
             c"outbox.exchange",
@@ -229,6 +269,11 @@ fn ms(setting: &GucSetting<i32>) -> Duration {
 
 pub fn amqp_url() -> Option<BrokerUrl> {
     hooks::CURRENT_URL.with(|u| u.borrow().clone())
+}
+/// The TLS files, as set now (the files themselves are read at each connection).
+pub fn tls_files() -> TlsFiles {
+    let path = |s: &GucSetting<Option<CString>>| Some(string(s)).filter(|p| !p.is_empty()).map(PathBuf::from);
+    TlsFiles::new(path(&TLS_CA_FILE), path(&TLS_CERT_FILE), path(&TLS_KEY_FILE))
 }
 pub fn database() -> String {
     string(&DATABASE)

@@ -26,6 +26,7 @@ impl Settings {
         Settings {
             publisher: gucs::amqp_url().map(|url| PublisherConfig {
                 url,
+                tls: gucs::tls_files(),
                 default_exchange: gucs::exchange(),
                 declare_default_exchange: gucs::declare_exchange(),
                 mandatory: gucs::unroutable_is_failure(),

@@ -118,6 +118,7 @@ impl<'rt> Worker<'rt> {
             self.take_reports(last);
             self.ledger.session_ended();
             self.link.reconnect.restart(settings.reconnect_backoff_max, Instant::now());
+            self.status.broker_settings_changed();
         }
         self.read_limit = settings.batch_size;
         self.settings = settings;

@@ -86,6 +86,11 @@ impl Status {
         });
     }
 
+    /// New broker settings: the next failure (or success) is worth a log line again.
+    pub fn broker_settings_changed(&mut self) {
+        self.broker = BrokerState::Unknown;
+    }
+
     /// `reason` in full (it may name the broker's address; never its password).
     pub fn broker_down(&mut self, reason: &str) {
         if self.broker != BrokerState::Unavailable {

@@ -149,9 +149,14 @@ impl Drop for Broker {
 
 impl Broker {
     pub fn connect() -> Broker {
+        Broker::connect_to(AMQP_PORT)
+    }
+
+    /// The broker (node) whose plain AMQP listener is on `port` of 127.0.0.1.
+    pub fn connect_to(port: u16) -> Broker {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let connection = rt.block_on(async {
-            let args = OpenConnectionArguments::new("127.0.0.1", AMQP_PORT, "guest", "guest");
+            let args = OpenConnectionArguments::new("127.0.0.1", port, "guest", "guest");
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 match Connection::open(&args).await {
@@ -160,7 +165,7 @@ impl Broker {
                         let _ = e;
                         tokio::time::sleep(Duration::from_millis(250)).await;
                     }
-                    Err(e) => panic!("RabbitMQ is not reachable on 127.0.0.1:{AMQP_PORT}: {e}"),
+                    Err(e) => panic!("RabbitMQ is not reachable on 127.0.0.1:{port}: {e}"),
                 }
             }
         });

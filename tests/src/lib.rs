@@ -5,11 +5,13 @@ pub mod broker;
 pub mod cluster;
 pub mod load;
 pub mod proxy;
+pub mod tls_node;
 
 pub use broker::{dedup, unique, Broker, BrokerOutage, Consumer, Delivery};
 pub use cluster::{quick_retries, unreachable_broker_url, wait_until, Cluster, BROKER_URL, DB};
 pub use load::{verify, Load, LoadSpec, Verdict};
 pub use proxy::Proxy;
+pub use tls_node::{Certificates, TlsNode};
 
 /// Serializes tests that stop the shared broker or load the machine, so they do not disturb
 /// each other. Poisoning is ignored: one failed test must not fail the rest.

@@ -361,11 +361,11 @@ fn the_broker_password_never_appears() {
     // says to keep the URL in postgresql.conf. Here only the error text is checked.)
     let mut admin = cluster.client();
     let err = admin
-        .batch_execute("ALTER SYSTEM SET outbox.amqp_url = 'amqps://someone:pw@127.0.0.1/'")
+        .batch_execute("ALTER SYSTEM SET outbox.amqp_url = 'amqpx://someone:pw@127.0.0.1/'")
         .unwrap_err();
     let err = err.as_db_error().expect("a database error");
     assert_eq!(err.code(), &postgres::error::SqlState::INVALID_PARAMETER_VALUE);
-    assert!(err.message().contains("amqps") && !err.message().contains(":pw@"), "{}", err.message());
+    assert!(err.message().contains("amqpx") && !err.message().contains(":pw@"), "{}", err.message());
     std::thread::sleep(Duration::from_secs(1));
 
     let shown: String = admin.query_one("SHOW outbox.amqp_url", &[]).unwrap().get(0);

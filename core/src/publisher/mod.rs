@@ -18,6 +18,7 @@ mod session;
 pub mod testing;
 
 use crate::broker_url::BrokerUrl;
+use crate::tls::{self, TlsFiles};
 use crate::validate::ExchangeFilter;
 use amqprs::channel::{Channel, ConfirmSelectArguments, ExchangeDeclareArguments, ExchangeType};
 use amqprs::connection::{Connection, OpenConnectionArguments};
@@ -30,6 +31,8 @@ use tokio::time::timeout;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PublisherConfig {
     pub url: BrokerUrl,
+    /// CA, client certificate and key for an `amqps://` URL (unused for `amqp://`).
+    pub tls: TlsFiles,
     /// Exchange for messages that name none (`outbox.exchange`).
     pub default_exchange: String,
     /// Declare `default_exchange` (durable, topic) on connect.
@@ -53,6 +56,8 @@ pub enum BrokerError {
     Connect { url: String, reason: String },
     #[error("connecting to {url} timed out after {after:?}")]
     ConnectTimeout { url: String, after: Duration },
+    #[error("TLS set-up for {url} failed: {reason}")]
+    Tls { url: String, reason: String },
     #[error("could not open a channel: {0}")]
     Channel(String),
 }
@@ -89,6 +94,12 @@ impl Publisher {
         let shown = url.to_string();
         let mut args = OpenConnectionArguments::new(&url.host, url.port, &url.username, url.password());
         args.virtual_host(&url.vhost).heartbeat(url.heartbeat_secs).connection_name(&config.connection_name);
+        if url.tls {
+            // The name the broker's certificate must carry is the host of the URL.
+            let adaptor = tls::adaptor(&config.tls, &url.host)
+                .map_err(|reason| BrokerError::Tls { url: shown.clone(), reason })?;
+            args.tls_adaptor(adaptor);
+        }
         let connection = match timeout(url.connection_timeout, Connection::open(&args)).await {
             Err(_) => return Err(BrokerError::ConnectTimeout { url: shown, after: url.connection_timeout }),
             Ok(Err(e)) => return Err(BrokerError::Connect { url: shown, reason: url.scrub(&e.to_string()) }),
