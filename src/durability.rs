@@ -77,7 +77,11 @@ fn commit_lsn(xid: u32) -> u64 {
     // frozen long ago may name an older one, whose commit is long durable. Then reads the
     // commit log for a transaction it holds.
     unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
         let oldest = (*pg_sys::ShmemVariableCache).oldestClogXid;
+        // Renamed in Postgres 17.
+        #[cfg(not(any(feature = "pg15", feature = "pg16")))]
+        let oldest = (*pg_sys::TransamVariables).oldestClogXid;
         if xid.into_inner() < pg_sys::TransactionId::FIRST_NORMAL.into_inner()
             || pg_sys::TransactionIdPrecedes(xid, oldest)
         {

@@ -42,7 +42,13 @@ pub extern "C-unwind" fn _PG_init() {
         shmem::init();
         wake::init_shared_memory();
         durability::init_shared_memory();
-        launcher::register();
+        // pg_upgrade starts both the old and the new server in binary-upgrade mode: nothing
+        // may publish from (or write to) a cluster being upgraded. Events wait in the outbox
+        // table, which pg_upgrade carries over, for the first normal start.
+        // SAFETY: a flag Postgres sets from the command line before loading libraries.
+        if !unsafe { pg_sys::IsBinaryUpgrade } {
+            launcher::register();
+        }
     }
 }
 

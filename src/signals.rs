@@ -34,10 +34,16 @@ pub fn install() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
     // SAFETY: installing handlers at process start, before any other work.
     unsafe {
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
-        pg_sys::pqsignal(pg_sys::SIGINT as i32, Some(cancel));
+        pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
+        pqsignal(pg_sys::SIGINT as i32, Some(cancel));
     }
 }
+
+/// Postgres' `pqsignal`: a function up to 17, a macro for the backend's `pqsignal_be` since 18.
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+use pg_sys::pqsignal;
+#[cfg(not(any(feature = "pg15", feature = "pg16", feature = "pg17")))]
+use pg_sys::pqsignal_be as pqsignal;
 
 /// SIGINT: Postgres' statement cancel, unless a wait must not be cancelled.
 unsafe extern "C-unwind" fn cancel(signal: std::ffi::c_int) {

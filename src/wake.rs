@@ -84,6 +84,16 @@ fn wake_worker() {
 
 // The worker's half.
 
+/// This process' number among the PGPROCs: its index in `ProcGlobal->allProcs`. Postgres 17
+/// dropped the `pgprocno` field (its `GetNumberFromPGProc` is this subtraction); computing it
+/// the same way on every version keeps one code path.
+pub fn my_procno() -> i32 {
+    // SAFETY: `MyProc` points into the `allProcs` array (set up when the process connected),
+    // which lives in shared memory for the server's life.
+    let index = unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) };
+    i32::try_from(index).unwrap_or(-1)
+}
+
 /// The worker announces itself (or, with `None`, leaves) so commits can wake it.
 pub fn register_worker(procno: Option<i32>) {
     if shmem::available() {

@@ -62,8 +62,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(arg: pg_sys::Datum) {
     // SAFETY: registered once; `on_exit` only touches shared memory we own.
     unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
     let status = Status::starting(database);
-    // SAFETY: MyProc is this process' PGPROC, set up by the connection above.
-    wake::register_worker(Some(unsafe { (*pg_sys::MyProc).pgprocno }));
+    wake::register_worker(Some(wake::my_procno()));
     let runtime = match signals::io_runtime() {
         Ok(rt) => rt,
         Err(e) => {

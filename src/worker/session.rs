@@ -63,16 +63,17 @@ pub const PINNED: &[(&str, &str)] = &[
     ("application_name", "pg_outbox worker"),
 ];
 
-/// Connects to `database`. As `role` directly when it may log in; a role without LOGIN (a
-/// background worker authenticates nobody, and PostgreSQL before 17 has no way to skip the
-/// check) is taken on right after connecting as the bootstrap superuser.
+/// Connects to `database`. As `role` directly when it may log in, or on Postgres 17 and
+/// later (which lets a background worker skip the login check); a role without LOGIN on an
+/// older Postgres (a background worker authenticates nobody, and these have no way to skip
+/// the check) is taken on right after connecting as the bootstrap superuser.
 pub fn connect(database: pg_sys::Oid, role: Option<(pg_sys::Oid, bool)>) {
     match role {
-        Some((role, true)) => {
+        Some((role, can_login)) if can_login || cfg!(not(any(feature = "pg15", feature = "pg16"))) => {
             // SAFETY: the background worker's one connection, before anything else.
-            unsafe { pg_sys::BackgroundWorkerInitializeConnectionByOid(database, role, 0) }
+            unsafe { pg_sys::BackgroundWorkerInitializeConnectionByOid(database, role, BYPASS_LOGIN_CHECK) }
         }
-        Some((role, false)) => {
+        Some((role, _)) => {
             // SAFETY: as above; then, outside any transaction, the session becomes the role
             // (a committed lookup first tells whether it is a superuser).
             unsafe {
@@ -90,6 +91,12 @@ pub fn connect(database: pg_sys::Oid, role: Option<(pg_sys::Oid, bool)>) {
         }
     }
 }
+
+/// `BGWORKER_BYPASS_ROLELOGINCHECK` (Postgres 17): the worker's role need not have LOGIN.
+#[cfg(not(any(feature = "pg15", feature = "pg16")))]
+const BYPASS_LOGIN_CHECK: u32 = pg_sys::BGWORKER_BYPASS_ROLELOGINCHECK;
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+const BYPASS_LOGIN_CHECK: u32 = 0;
 
 /// Sets the [`PINNED`] settings for the session. Outside any transaction.
 pub fn pin() {
