@@ -29,6 +29,9 @@ pub const DB: &str = "app";
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
+    /// The directory of the Postgres programs this cluster runs: [`pg_bin`], unless made with
+    /// [`Cluster::init_with_bin`] (a private installation, say).
+    pub bin: PathBuf,
     keep: bool,
     /// Environment of the server process (beyond the harness' own, which has no Rust
     /// backtrace variables).
@@ -41,7 +44,12 @@ fn is_root() -> bool {
 
 /// Runs a Postgres binary, as `postgres` when we are root.
 pub fn pg_command(bin: &str) -> Command {
-    let path = pg_bin().join(bin);
+    pg_command_in(pg_bin(), bin)
+}
+
+/// [`pg_command`] for the program `bin` of the installation whose programs are in `bin_dir`.
+pub fn pg_command_in(bin_dir: &Path, bin: &str) -> Command {
+    let path = bin_dir.join(bin);
     let mut c = if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(&path);
@@ -148,10 +156,22 @@ impl Cluster {
 
     /// initdb and configure, without starting.
     pub fn init(settings: &[(&str, &str)]) -> Cluster {
+        Cluster::init_with_bin(pg_bin(), settings)
+    }
+
+    /// [`Cluster::init`] with the Postgres whose programs are in `bin` (which must stay there
+    /// until the cluster is dropped): the cluster runs from there from then on.
+    pub fn init_with_bin(bin: &Path, settings: &[(&str, &str)]) -> Cluster {
+        Cluster::init_with(bin, &[], settings)
+    }
+
+    /// [`Cluster::init_with_bin`], passing `initdb_args` to initdb too (`--data-checksums`).
+    pub fn init_with(bin: &Path, initdb_args: &[&str], settings: &[(&str, &str)]) -> Cluster {
         let (port, dir) = new_dir();
         let data = dir.join("data");
         run({
-            let mut c = pg_command("initdb");
+            let mut c = pg_command_in(bin, "initdb");
+            c.args(initdb_args);
             c.args([
                 "-D",
                 data.to_str().unwrap(),
@@ -168,6 +188,7 @@ impl Cluster {
         let cluster = Cluster {
             dir,
             port,
+            bin: bin.to_path_buf(),
             keep: std::env::var_os("OUTBOX_KEEP_CLUSTERS").is_some(),
             server_env: Vec::new(),
         };
@@ -190,12 +211,13 @@ impl Cluster {
         let (port, dir) = new_dir();
         let data = dir.join("data");
         run({
-            let mut c = pg_command("pg_basebackup");
+            let mut c = primary.command("pg_basebackup");
             c.args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"]);
             c.args(["-D", data.to_str().unwrap(), "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]);
             c
         });
-        let cluster = Cluster { dir, port, keep: primary.keep, server_env: Vec::new() };
+        let cluster =
+            Cluster { dir, port, bin: primary.bin.clone(), keep: primary.keep, server_env: Vec::new() };
         let mut text = String::from("\n# standby\n");
         text.push_str(&format!("port = {port}\nunix_socket_directories = '{}'\n", cluster.dir.display()));
         for (k, v) in settings {
@@ -209,9 +231,14 @@ impl Cluster {
         cluster
     }
 
+    /// Runs the program `bin` of this cluster's Postgres installation (see [`pg_command`]).
+    pub fn command(&self, bin: &str) -> Command {
+        pg_command_in(&self.bin, bin)
+    }
+
     pub fn promote(&self) {
         run({
-            let mut c = pg_command("pg_ctl");
+            let mut c = self.command("pg_ctl");
             c.args(["-D", self.data().to_str().unwrap(), "-w", "promote"]);
             c
         });
@@ -232,7 +259,7 @@ impl Cluster {
 
     pub fn start_server(&self) {
         run({
-            let mut c = pg_command("pg_ctl");
+            let mut c = self.command("pg_ctl");
             for (k, v) in &self.server_env {
                 c.env(k, v);
             }
@@ -261,7 +288,7 @@ impl Cluster {
     }
 
     fn pg_ctl_stop(&self, mode: &str) {
-        let mut c = pg_command("pg_ctl");
+        let mut c = self.command("pg_ctl");
         c.args(["-D", self.data().to_str().unwrap(), "-m", mode, "-w", "-t", "60", "stop"]);
         let _ = c.output();
     }

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod cluster;
+pub mod install;
 pub mod load;
 pub mod proxy;
 pub mod tls_node;
