@@ -63,17 +63,19 @@ pub const PINNED: &[(&str, &str)] = &[
     ("application_name", "pg_outbox worker"),
 ];
 
-/// Connects to `database`. As `role` directly when it may log in, or on Postgres 17 and
-/// later (which lets a background worker skip the login check); a role without LOGIN on an
-/// older Postgres (a background worker authenticates nobody, and these have no way to skip
-/// the check) is taken on right after connecting as the bootstrap superuser.
+/// Connects to `database`. As `role` directly when it may log in; a role without LOGIN is
+/// taken on right after connecting as the bootstrap superuser (a background worker
+/// authenticates nobody). Postgres 17 could connect to such a role directly
+/// (`BGWORKER_BYPASS_ROLELOGINCHECK`), but then the role would also need CONNECT on the
+/// database and count against its connection limit: a database owner could lock the worker
+/// out. One path on every version.
 pub fn connect(database: pg_sys::Oid, role: Option<(pg_sys::Oid, bool)>) {
     match role {
-        Some((role, can_login)) if can_login || cfg!(not(any(feature = "pg15", feature = "pg16"))) => {
+        Some((role, true)) => {
             // SAFETY: the background worker's one connection, before anything else.
-            unsafe { pg_sys::BackgroundWorkerInitializeConnectionByOid(database, role, BYPASS_LOGIN_CHECK) }
+            unsafe { pg_sys::BackgroundWorkerInitializeConnectionByOid(database, role, 0) }
         }
-        Some((role, _)) => {
+        Some((role, false)) => {
             // SAFETY: as above; then, outside any transaction, the session becomes the role
             // (a committed lookup first tells whether it is a superuser).
             unsafe {
@@ -92,15 +94,16 @@ pub fn connect(database: pg_sys::Oid, role: Option<(pg_sys::Oid, bool)>) {
     }
 }
 
-/// `BGWORKER_BYPASS_ROLELOGINCHECK` (Postgres 17): the worker's role need not have LOGIN.
+/// Settings of newer versions only: from 17, a transaction timeout ends the session (FATAL),
+/// and a database owner may set one on the database.
 #[cfg(not(any(feature = "pg15", feature = "pg16")))]
-const BYPASS_LOGIN_CHECK: u32 = pg_sys::BGWORKER_BYPASS_ROLELOGINCHECK;
+const PINNED_SINCE_17: &[(&str, &str)] = &[("transaction_timeout", "0")];
 #[cfg(any(feature = "pg15", feature = "pg16"))]
-const BYPASS_LOGIN_CHECK: u32 = 0;
+const PINNED_SINCE_17: &[(&str, &str)] = &[];
 
 /// Sets the [`PINNED`] settings for the session. Outside any transaction.
 pub fn pin() {
-    for (name, value) in PINNED {
+    for (name, value) in PINNED.iter().chain(PINNED_SINCE_17) {
         set(name, value);
     }
 }

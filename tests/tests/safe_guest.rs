@@ -381,3 +381,50 @@ fn create_extension_refuses_a_schema_someone_else_owns() {
     let mut own = cluster.connect("squatted");
     own.batch_execute("DROP SCHEMA outbox; CREATE SCHEMA outbox; CREATE EXTENSION pg_outbox").unwrap();
 }
+
+/// From PostgreSQL 17 a transaction timeout ends the session with FATAL, and a database owner
+/// may set one for every session of the database, the worker's included.
+#[test]
+fn a_transaction_timeout_set_on_the_database_does_not_stop_the_worker() {
+    let cluster = Cluster::start(&[]);
+    let version: i32 =
+        cluster.client().query_one("SELECT current_setting('server_version_num')::int", &[]).unwrap().get(0);
+    if version < 170_000 {
+        println!("skipped: transaction_timeout exists from PostgreSQL 17 (server {version})");
+        return;
+    }
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    let old = cluster.wait_for_worker();
+    cluster.client().batch_execute(&format!("ALTER DATABASE {DB} SET transaction_timeout = '1ms'")).unwrap();
+    cluster.admin().query_one("SELECT pg_terminate_backend($1)", &[&old]).unwrap();
+    // (Asked from another database: every session in this one now gets the timeout.)
+    let worker = wait_until(WITHIN, "a worker with the database's setting", || {
+        cluster.worker_pid_in("postgres").filter(|p| *p != old)
+    });
+    // The test's own session overrides it at connection time (a client option outranks the
+    // database's setting); the worker's session pins its own.
+    let mut db = Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname={DB} options='-c transaction_timeout=0'",
+            cluster.port
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    for n in 0..50 {
+        db.execute(
+            "SELECT outbox.publish('Timed', jsonb_build_object('n', $1::int), aggregate_id => ($1 % 5)::text, exchange => $2)",
+            &[&n, &exchange.name],
+        )
+        .unwrap();
+    }
+    consumer.wait_for(50, WITHIN);
+    wait_until(WITHIN, "the outbox to drain", || {
+        let pending: i64 = db.query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get(0);
+        (pending == 0).then_some(())
+    });
+    assert_eq!(cluster.worker_pid_in("postgres"), Some(worker), "the same worker throughout");
+    assert_eq!(cluster.log_count("transaction timeout"), 0, "{}", cluster.log());
+}
