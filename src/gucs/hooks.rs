@@ -14,6 +14,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What Postgres itself stores and compares for `outbox.amqp_url`.
 const URL_MASK: &CStr = c"********";
@@ -197,11 +198,41 @@ pub(super) unsafe extern "C-unwind" fn assign_allowed_exchanges(newval: *const c
     ALLOWED_EXCHANGES.with(|f| *f.borrow_mut() = filter);
 }
 
-/// Checks a TLS file setting with `check` (empty: not set).
+/// Whether the last value this process was given for `outbox.amqp_tls_ca_file` was refused.
+/// Postgres then keeps the previous value, which at server start is the empty default, "the
+/// system's roots": the worker (which inherits this from the postmaster, or sets it at its own
+/// reloads) must then not connect at all rather than trust every public CA.
+pub(super) static CA_FILE_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Checks a TLS file setting with `check` (empty: not set); `refused`, when given, records
+/// the outcome.
 ///
 /// # Safety
 /// Only from a GUC check hook, with its `newval`.
 unsafe fn check_tls_file(
+    newval: *mut *mut c_char,
+    name: &str,
+    check: fn(&std::path::Path) -> Result<(), String>,
+    refused: Option<&AtomicBool>,
+) -> bool {
+    // SAFETY: as the caller promises.
+    let accepted = unsafe { check_tls_file_value(newval, name, check) };
+    if let (false, Some(flag)) = (accepted, refused) {
+        flag.store(true, Ordering::Relaxed);
+    }
+    accepted
+}
+
+/// A value of `outbox.amqp_tls_ca_file` was applied (set, or reset to the default when its
+/// line left the configuration): whatever it is, it is what was configured.
+#[pg_guard]
+pub(super) unsafe extern "C-unwind" fn assign_tls_ca_file(_newval: *const c_char, _extra: *mut c_void) {
+    CA_FILE_REFUSED.store(false, Ordering::Relaxed);
+}
+
+/// # Safety
+/// As [`check_tls_file`].
+unsafe fn check_tls_file_value(
     newval: *mut *mut c_char,
     name: &str,
     check: fn(&std::path::Path) -> Result<(), String>,
@@ -235,7 +266,7 @@ pub(super) unsafe extern "C-unwind" fn check_tls_ca_file(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: a check hook.
-    unsafe { check_tls_file(newval, "outbox.amqp_tls_ca_file", tls::check_ca_file) }
+    unsafe { check_tls_file(newval, "outbox.amqp_tls_ca_file", tls::check_ca_file, Some(&CA_FILE_REFUSED)) }
 }
 
 #[pg_guard]
@@ -245,7 +276,7 @@ pub(super) unsafe extern "C-unwind" fn check_tls_cert_file(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: a check hook.
-    unsafe { check_tls_file(newval, "outbox.amqp_tls_cert_file", tls::check_cert_file) }
+    unsafe { check_tls_file(newval, "outbox.amqp_tls_cert_file", tls::check_cert_file, None) }
 }
 
 #[pg_guard]
@@ -255,5 +286,5 @@ pub(super) unsafe extern "C-unwind" fn check_tls_key_file(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: a check hook.
-    unsafe { check_tls_file(newval, "outbox.amqp_tls_key_file", tls::check_key_file) }
+    unsafe { check_tls_file(newval, "outbox.amqp_tls_key_file", tls::check_key_file, None) }
 }

@@ -76,7 +76,7 @@ pub fn init() {
             Some(hooks::assign_amqp_url),
             Some(hooks::show_amqp_url),
         );
-        let tls_file = |name, short, long, setting, check| {
+        let tls_file = |name, short, long, setting, check, assign| {
             GucRegistry::define_string_guc_with_hooks(
                 name,
                 short,
@@ -85,7 +85,7 @@ pub fn init() {
                 GucContext::Sighup,
                 GucFlags::SUPERUSER_ONLY,
                 Some(check),
-                None,
+                assign,
                 None,
             )
         };
@@ -95,6 +95,7 @@ pub fn init() {
             c"Empty: the system's trusted roots. The certificate and the host name are always verified.",
             &TLS_CA_FILE,
             hooks::check_tls_ca_file,
+            Some(hooks::assign_tls_ca_file),
         );
         tls_file(
             c"outbox.amqp_tls_cert_file",
@@ -102,6 +103,7 @@ pub fn init() {
             c"Set together with outbox.amqp_tls_key_file; empty: no client certificate.",
             &TLS_CERT_FILE,
             hooks::check_tls_cert_file,
+            None,
         );
         tls_file(
             c"outbox.amqp_tls_key_file",
@@ -109,6 +111,7 @@ pub fn init() {
             c"Must be readable by the server's operating-system user; its contents are never shown.",
             &TLS_KEY_FILE,
             hooks::check_tls_key_file,
+            None,
         );
         GucRegistry::define_string_guc_with_hooks(
             c"outbox.exchange",
@@ -273,7 +276,10 @@ pub fn amqp_url() -> Option<BrokerUrl> {
 /// The TLS files, as set now (the files themselves are read at each connection).
 pub fn tls_files() -> TlsFiles {
     let path = |s: &GucSetting<Option<CString>>| Some(string(s)).filter(|p| !p.is_empty()).map(PathBuf::from);
-    TlsFiles::new(path(&TLS_CA_FILE), path(&TLS_CERT_FILE), path(&TLS_KEY_FILE))
+    let ca_file = path(&TLS_CA_FILE);
+    let ca_file_refused =
+        ca_file.is_none() && hooks::CA_FILE_REFUSED.load(std::sync::atomic::Ordering::Relaxed);
+    TlsFiles { ca_file_refused, ..TlsFiles::new(ca_file, path(&TLS_CERT_FILE), path(&TLS_KEY_FILE)) }
 }
 pub fn database() -> String {
     string(&DATABASE)

@@ -97,13 +97,22 @@ impl Certificates {
             );
         }
         let _ = Command::new("chmod").args(["-R", "a+rX", dir.to_str().unwrap()]).status();
-        Certificates {
+        let certs = Certificates {
             dir: dir.to_path_buf(),
             ca: dir.join("ca.pem"),
             other_ca: dir.join("other-ca.pem"),
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client.key"),
-        }
+        };
+        certs.give_client_key_to_postgres();
+        certs
+    }
+
+    /// The client's key as Postgres wants key files: the server's user's, for it alone.
+    pub fn give_client_key_to_postgres(&self) {
+        let key = self.client_key.to_str().unwrap();
+        let _ = Command::new("chown").args(["postgres", key]).status();
+        let _ = Command::new("chmod").args(["600", key]).status();
     }
 }
 
@@ -130,7 +139,7 @@ impl TlsNode {
             dir.join("rabbitmq.conf"),
             format!(
                 "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
-                 listeners.ssl.default = {tls_port}\n\
+                 listeners.ssl.default = 127.0.0.1:{tls_port}\n\
                  ssl_options.cacertfile = {ca}\n\
                  ssl_options.certfile = {d}/server.pem\n\
                  ssl_options.keyfile = {d}/server.key\n\
@@ -144,6 +153,7 @@ impl TlsNode {
         .unwrap();
         fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
         let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq", dir.to_str().unwrap()]).status();
+        certs.give_client_key_to_postgres();
         let node = TlsNode { name: format!("pgo_tls_{id}@localhost"), dir, amqp_port, tls_port, certs };
         let started = node
             .command("rabbitmq-server")
@@ -185,7 +195,9 @@ impl TlsNode {
 
 impl Drop for TlsNode {
     fn drop(&mut self) {
-        let _ = self.command("rabbitmqctl").args(["-n", &self.name, "stop"]).status();
+        // With the pid file, `stop` returns once the node's VM has exited.
+        let pid_file = self.dir.join("node.pid");
+        let _ = self.command("rabbitmqctl").args(["-n", &self.name, "stop"]).arg(&pid_file).status();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

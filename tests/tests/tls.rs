@@ -8,7 +8,6 @@
 use pg_outbox_tests::*;
 use postgres::error::SqlState;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 const WITHIN: Duration = Duration::from_secs(90);
@@ -43,35 +42,59 @@ fn publish(cluster: &Cluster, exchange: &str, n: i32) {
         .unwrap();
 }
 
+/// Waits until the worker is refused with an error containing `text` (in `outbox.stats`), then
+/// until it has failed three more times (each failed attempt stamps `last_error_at`): the
+/// reason is still logged once.
+fn refused_and_logged_once(cluster: &Cluster, text: &str) -> String {
+    let error = wait_refused(cluster, text);
+    let stamp = || -> String {
+        cluster.client().query_one("SELECT last_error_at::text FROM outbox.stats", &[]).unwrap().get(0)
+    };
+    let mut seen = vec![stamp()];
+    wait_until(WITHIN, "three more failed attempts", || {
+        let now = stamp();
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        (seen.len() > 3).then_some(())
+    });
+    assert!(last_error(cluster).contains(text), "still refused for the same reason");
+    assert_eq!(cluster.log_count(text), 1, "{text:?} logged once:\n{}", cluster.log());
+    error
+}
+
 #[test]
 fn amqps_publishes_only_when_both_certificates_and_the_host_name_check_out() {
     let _alone = exclusive();
     let node = TlsNode::start(true);
     let certs = &node.certs;
-    // Counts the worker's connection attempts to the TLS listener.
+    // Between the worker and the TLS listener (so that `localhost` and `127.0.0.1` both reach it).
     let proxy = Proxy::start(node.tls_port);
     let broker = Broker::connect_to(node.amqp_port);
     let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
     let good_url = amqps_url("localhost", proxy.port);
+    // A CA file that does not exist yet when the server starts: Postgres refuses the value and
+    // keeps the default (empty, "the system's roots").
+    let late_ca = certs.dir.join("late-ca.pem");
     let cluster = Cluster::start(&[
         ("outbox.amqp_url", good_url.as_str()),
         ("outbox.reconnect_backoff_max", "'500ms'"),
-        // A CA that did not sign the broker's certificate.
-        ("outbox.amqp_tls_ca_file", &quoted(&certs.other_ca)),
+        ("outbox.amqp_tls_ca_file", &quoted(&late_ca)),
         ("outbox.amqp_tls_cert_file", &quoted(&certs.client_cert)),
         ("outbox.amqp_tls_key_file", &quoted(&certs.client_key)),
     ]);
     publish(&cluster, &exchange.name, 1);
 
-    // 1. An unknown issuer: refused, reported, logged once however often it is retried.
-    let error = wait_refused(&cluster, "UnknownIssuer");
+    // 0. The worker does not fall back to the system's roots: it does not connect at all.
+    let error = refused_and_logged_once(&cluster, "not falling back");
+    println!("CA file refused at start: {error}");
+
+    // 1. The file appears, holding a CA that did not sign the broker's certificate.
+    std::fs::copy(&certs.other_ca, &late_ca).unwrap();
+    cluster.reconfigure(&[]);
+    let error = refused_and_logged_once(&cluster, "UnknownIssuer");
     println!("unknown CA: {error}");
-    let attempts = proxy.accepted.load(Ordering::SeqCst);
-    wait_until(WITHIN, "three more connection attempts", || {
-        (proxy.accepted.load(Ordering::SeqCst) >= attempts + 3).then_some(())
-    });
-    assert_eq!(cluster.log_count("UnknownIssuer"), 1, "logged once:\n{}", cluster.log());
     assert_eq!(consumer.count(), 0);
 
     // The right CA, reloaded: what waited is published.
@@ -82,7 +105,7 @@ fn amqps_publishes_only_when_both_certificates_and_the_host_name_check_out() {
     // 2. The right CA, but the URL names the broker by an address its certificate does not
     // carry (it names only localhost).
     cluster.reconfigure(&[("outbox.amqp_url", &amqps_url("127.0.0.1", proxy.port))]);
-    let error = wait_refused(&cluster, "not valid for name");
+    let error = refused_and_logged_once(&cluster, "not valid for name");
     println!("wrong name: {error}");
     publish(&cluster, &exchange.name, 2);
 
@@ -92,7 +115,7 @@ fn amqps_publishes_only_when_both_certificates_and_the_host_name_check_out() {
         ("outbox.amqp_tls_cert_file", "''"),
         ("outbox.amqp_tls_key_file", "''"),
     ]);
-    let error = wait_refused(&cluster, "ertificate");
+    let error = refused_and_logged_once(&cluster, "CertificateRequired");
     println!("no client certificate: {error}");
     assert!(!error.contains("guest:"), "no password in the error: {error}");
     assert_eq!(consumer.count(), 1, "nothing published while refused");
@@ -112,7 +135,14 @@ fn amqps_publishes_only_when_both_certificates_and_the_host_name_check_out() {
 
 #[test]
 fn tls_files_are_checked_when_set_and_only_superusers_see_or_set_them() {
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
     let dir = std::env::temp_dir().join(format!("pg_outbox_tls_settings_{}", std::process::id()));
+    let _removed = Removed(dir.clone());
     let certs = Certificates::make(&dir);
     let cluster = Cluster::start(&[]);
     let mut admin = cluster.admin();
@@ -132,12 +162,17 @@ fn tls_files_are_checked_when_set_and_only_superusers_see_or_set_them() {
     let unreadable = dir.join("root-only.key");
     std::fs::copy(&certs.client_key, &unreadable).unwrap();
     std::fs::set_permissions(&unreadable, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let cases: [(&str, &Path, &str); 5] = [
+    let open_key = dir.join("open.key");
+    std::fs::copy(&certs.client_key, &open_key).unwrap();
+    std::fs::set_permissions(&open_key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let cases: [(&str, &Path, &str); 7] = [
         ("outbox.amqp_tls_ca_file", Path::new("/nonexistent/ca.pem"), "No such file"),
         ("outbox.amqp_tls_ca_file", &not_pem, "no PEM certificate"),
         ("outbox.amqp_tls_cert_file", &certs.client_key, "no PEM certificate"),
         ("outbox.amqp_tls_key_file", &certs.client_cert, "no PEM private key"),
         ("outbox.amqp_tls_key_file", &unreadable, "Permission denied"),
+        ("outbox.amqp_tls_key_file", &open_key, "accessible to others (mode 0644)"),
+        ("outbox.amqp_tls_ca_file", Path::new("/dev/zero"), "not a regular file"),
     ];
     for (name, path, reason) in cases {
         let err = set(&mut admin, name, path.to_str().unwrap()).unwrap_err();
@@ -169,5 +204,4 @@ fn tls_files_are_checked_when_set_and_only_superusers_see_or_set_them() {
         .unwrap()
         .get(0);
     assert_eq!(visible, 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
