@@ -3,7 +3,7 @@
 //! upgraded cluster publishes every pending event, in order, when it starts.
 //!
 //! Needs two installations with pg_outbox installed: the new one is `$PG_CONFIG`'s, the old one
-//! `$OUTBOX_UPGRADE_FROM` (a pg_config). `script/test` runs it from PostgreSQL 15 to 18.
+//! `$OUTBOX_UPGRADE_FROM` (a pg_config). `script/test` runs it from PostgreSQL 16 to 18.
 
 use pg_outbox_tests::install::PgDirs;
 use pg_outbox_tests::*;
