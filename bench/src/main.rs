@@ -8,6 +8,7 @@ mod latency;
 mod naive;
 mod raw;
 mod relay;
+mod tls;
 mod write;
 
 use std::fmt::Write as _;
@@ -62,7 +63,7 @@ fn table(rows: &[Row]) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick { relay::Sizes::quick() } else { relay::Sizes::full() };
-    // `--only relay,burst,latency,write,naive` runs some parts.
+    // `--only relay,burst,latency,write,naive,tls` runs some parts.
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
     let run = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p == part));
     let (seconds, write_seconds) = if quick { (5, 5) } else { (20, 20) };
@@ -86,6 +87,9 @@ fn main() {
     }
     if run("naive") {
         rows.extend(naive::naive(relay_rate, if quick { 5 } else { 15 }));
+    }
+    if run("tls") {
+        rows.extend(tls::tls(if quick { 20_000 } else { 100_000 }));
     }
     progress(&format!("done in {:.0?}", started.elapsed()));
     println!("\n{}", table(&rows));

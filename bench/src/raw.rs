@@ -45,14 +45,47 @@ pub fn body(n: u64) -> Vec<u8> {
         .into_bytes()
 }
 
+/// Where the baseline publisher connects: a port of 127.0.0.1, or of `localhost` over TLS
+/// (verified against the CA file, with the same rustls set-up as the worker's).
+pub struct Target {
+    pub port: u16,
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl Target {
+    /// The machine's broker.
+    pub fn local() -> Target {
+        Target { port: 5672, tls_ca: None }
+    }
+}
+
 /// Publishes `count` persistent messages with at most `window` unconfirmed; returns the rate.
 /// `mandatory` as pg_outbox sets it by default (off only for an exchange with no queue).
 pub fn publish_rate(exchange: &str, routing_key: &str, count: u64, window: u64, mandatory: bool) -> f64 {
+    publish_rate_to(&Target::local(), exchange, routing_key, count, window, mandatory)
+}
+
+/// [`publish_rate`] to `target`.
+pub fn publish_rate_to(
+    target: &Target,
+    exchange: &str,
+    routing_key: &str,
+    count: u64,
+    window: u64,
+    mandatory: bool,
+) -> f64 {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
-        let connection = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
-            .await
-            .unwrap();
+        let args = match &target.tls_ca {
+            None => OpenConnectionArguments::new("127.0.0.1", target.port, "guest", "guest"),
+            Some(ca) => {
+                let files = pg_outbox_core::tls::TlsFiles { ca_file: Some(ca.clone()), ..Default::default() };
+                let mut args = OpenConnectionArguments::new("localhost", target.port, "guest", "guest");
+                args.tls_adaptor(pg_outbox_core::tls::adaptor(&files, "localhost").unwrap());
+                args
+            }
+        };
+        let connection = Connection::open(&args).await.unwrap();
         connection.register_callback(DefaultConnectionCallback).await.unwrap();
         let channel = connection.open_channel(None).await.unwrap();
         let (tx, mut rx) = watch::channel(0u64);
