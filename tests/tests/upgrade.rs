@@ -304,8 +304,11 @@ fn release_0_1_0_with_pending_events_and_dead_letters_updated_in_place_publishes
     wait_until(WITHIN, "the 0.2.0 worker to ask for the update", || {
         (cluster.log_count(WAITS_FOR_UPDATE) > waits).then_some(())
     });
-    let state: String = db.query_one("SELECT worker_state FROM outbox.stats", &[]).unwrap().get(0);
-    assert_eq!(state, "waiting for extension update");
+    // The worker logs first, then shows its state.
+    wait_until(WITHIN, "outbox.stats to say the worker waits for the update", || {
+        let state: String = db.query_one("SELECT worker_state FROM outbox.stats", &[]).unwrap().get(0);
+        (state == "waiting for extension update").then_some(())
+    });
     written.push(write_event(&mut db, &exchange, "a", 21));
     assert_eq!(extversion(&mut db), "0.1.0");
     assert_eq!(cluster.pending(), 61);
