@@ -204,25 +204,6 @@ pub(super) unsafe extern "C-unwind" fn assign_allowed_exchanges(newval: *const c
 /// reloads) must then not connect at all rather than trust every public CA.
 pub(super) static CA_FILE_REFUSED: AtomicBool = AtomicBool::new(false);
 
-/// Checks a TLS file setting with `check` (empty: not set); `refused`, when given, records
-/// the outcome.
-///
-/// # Safety
-/// Only from a GUC check hook, with its `newval`.
-unsafe fn check_tls_file(
-    newval: *mut *mut c_char,
-    name: &str,
-    check: fn(&std::path::Path) -> Result<(), String>,
-    refused: Option<&AtomicBool>,
-) -> bool {
-    // SAFETY: as the caller promises.
-    let accepted = unsafe { check_tls_file_value(newval, name, check) };
-    if let (false, Some(flag)) = (accepted, refused) {
-        flag.store(true, Ordering::Relaxed);
-    }
-    accepted
-}
-
 /// A value of `outbox.amqp_tls_ca_file` was applied (set, or reset to the default when its
 /// line left the configuration): whatever it is, it is what was configured.
 #[pg_guard]
@@ -230,9 +211,11 @@ pub(super) unsafe extern "C-unwind" fn assign_tls_ca_file(_newval: *const c_char
     CA_FILE_REFUSED.store(false, Ordering::Relaxed);
 }
 
+/// Checks a TLS file setting with `check` (empty: not set).
+///
 /// # Safety
-/// As [`check_tls_file`].
-unsafe fn check_tls_file_value(
+/// Only from a GUC check hook, with its `newval`.
+unsafe fn check_tls_file(
     newval: *mut *mut c_char,
     name: &str,
     check: fn(&std::path::Path) -> Result<(), String>,
@@ -266,7 +249,11 @@ pub(super) unsafe extern "C-unwind" fn check_tls_ca_file(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: a check hook.
-    unsafe { check_tls_file(newval, "outbox.amqp_tls_ca_file", tls::check_ca_file, Some(&CA_FILE_REFUSED)) }
+    let accepted = unsafe { check_tls_file(newval, "outbox.amqp_tls_ca_file", tls::check_ca_file) };
+    if !accepted {
+        CA_FILE_REFUSED.store(true, Ordering::Relaxed);
+    }
+    accepted
 }
 
 #[pg_guard]
@@ -276,7 +263,7 @@ pub(super) unsafe extern "C-unwind" fn check_tls_cert_file(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: a check hook.
-    unsafe { check_tls_file(newval, "outbox.amqp_tls_cert_file", tls::check_cert_file, None) }
+    unsafe { check_tls_file(newval, "outbox.amqp_tls_cert_file", tls::check_cert_file) }
 }
 
 #[pg_guard]
@@ -286,5 +273,5 @@ pub(super) unsafe extern "C-unwind" fn check_tls_key_file(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: a check hook.
-    unsafe { check_tls_file(newval, "outbox.amqp_tls_key_file", tls::check_key_file, None) }
+    unsafe { check_tls_file(newval, "outbox.amqp_tls_key_file", tls::check_key_file) }
 }

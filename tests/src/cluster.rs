@@ -13,15 +13,7 @@ use std::time::{Duration, Instant};
 /// `pg_config` on the PATH. `script/test` sets `PG_CONFIG` to the Postgres it built for.
 pub fn pg_bin() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let pg_config = std::env::var_os("PG_CONFIG").unwrap_or_else(|| "pg_config".into());
-        let out = Command::new(&pg_config)
-            .arg("--bindir")
-            .output()
-            .unwrap_or_else(|e| panic!("run {pg_config:?}: {e}"));
-        assert!(out.status.success(), "{pg_config:?} --bindir failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    BIN.get_or_init(|| crate::install::PgDirs::of(&crate::install::pg_config()).bin)
 }
 /// The database the worker serves in test clusters.
 pub const DB: &str = "app";

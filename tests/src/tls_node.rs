@@ -104,15 +104,11 @@ impl Certificates {
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client.key"),
         };
-        certs.give_client_key_to_postgres();
-        certs
-    }
-
-    /// The client's key as Postgres wants key files: the server's user's, for it alone.
-    pub fn give_client_key_to_postgres(&self) {
-        let key = self.client_key.to_str().unwrap();
+        // The client's key as Postgres wants key files: the server's user's, for it alone.
+        let key = certs.client_key.to_str().unwrap();
         let _ = Command::new("chown").args(["postgres", key]).status();
         let _ = Command::new("chmod").args(["600", key]).status();
+        certs
     }
 }
 
@@ -152,8 +148,12 @@ impl TlsNode {
         )
         .unwrap();
         fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq", dir.to_str().unwrap()]).status();
-        certs.give_client_key_to_postgres();
+        // The node writes its data and logs under `dir`; the certificates stay as made (the
+        // ones the broker reads are readable by everyone).
+        let _ = Command::new("chown")
+            .arg("rabbitmq:rabbitmq")
+            .args([&dir, &dir.join("rabbitmq.conf"), &dir.join("enabled_plugins")])
+            .status();
         let node = TlsNode { name: format!("pgo_tls_{id}@localhost"), dir, amqp_port, tls_port, certs };
         let started = node
             .command("rabbitmq-server")

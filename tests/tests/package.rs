@@ -18,10 +18,6 @@ use std::time::{Duration, Instant};
 
 const WITHIN: Duration = Duration::from_secs(90);
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
 /// Runs `c`, asserts it succeeded, returns its stdout.
 fn run(c: &mut Command) -> String {
     let out = c.output().unwrap_or_else(|e| panic!("run {c:?}: {e}"));
@@ -36,19 +32,8 @@ fn package(pg_config: &Path) -> PathBuf {
         return PathBuf::from(deb);
     }
     let started = Instant::now();
-    let mut script = Command::new(repo_root().join("script/package"));
-    script.arg("--debug").arg("--pg-config").arg(pg_config).current_dir(repo_root()).stderr(Stdio::inherit());
-    // What `cargo test` tells this test about its own crate would reach the cargo inside, and
-    // build scripts that watch those names (ring's) would rerun: a rebuild of the TLS stack
-    // here, and again at the next build outside.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        let per_crate = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_NAME", "CARGO_BIN_NAME"];
-        let per_run = ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"];
-        if per_crate.iter().any(|p| name.starts_with(p)) || per_run.contains(&name.as_ref()) {
-            script.env_remove(name.as_ref());
-        }
-    }
+    let mut script = repo_script("package");
+    script.arg("--debug").arg("--pg-config").arg(pg_config).stderr(Stdio::inherit());
     let stdout = run(&mut script);
     eprintln!("script/package --debug took {:?}", started.elapsed());
     PathBuf::from(stdout.lines().last().expect("script/package printed nothing"))
@@ -122,7 +107,7 @@ fn the_debian_package_installs_where_postgres_looks_and_publishes() {
         format!("{extdir}/pg_outbox--{version}.sql"),
     ]);
     for dir in ["sql", "sql/archive"] {
-        for entry in fs::read_dir(repo_root().join(dir)).unwrap() {
+        for entry in fs::read_dir(repo().join(dir)).unwrap() {
             let file = entry.unwrap().file_name().to_string_lossy().to_string();
             if file.starts_with("pg_outbox--") && file.ends_with(".sql") {
                 expected.insert(format!("{extdir}/{file}"));
@@ -221,7 +206,7 @@ fn the_debian_package_installs_where_postgres_looks_and_publishes() {
 
 /// The extension's version: `[package] version` of the repository's Cargo.toml.
 fn extension_version() -> String {
-    let manifest = fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    let manifest = fs::read_to_string(repo().join("Cargo.toml")).unwrap();
     let mut in_package = false;
     for line in manifest.lines() {
         if line.starts_with('[') {

@@ -12,7 +12,7 @@ use pg_outbox_tests::*;
 use postgres::Client;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const WITHIN: Duration = Duration::from_secs(90);
@@ -23,10 +23,6 @@ const RELEASE_0_1_0: &str = "7b4290a";
 /// What the new worker logs while the extension is still at the old version.
 const WAITS_FOR_UPDATE: &str = "run ALTER EXTENSION pg_outbox UPDATE";
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
-}
-
 /// The package of 0.1.0 (a staging tree of `cargo pgrx package`): `$OUTBOX_RELEASE_0_1_0`, or
 /// built from its commit by `script/release-build` (minutes the first time on a machine).
 fn release_0_1_0(pg_config: &Path) -> PathBuf {
@@ -35,7 +31,7 @@ fn release_0_1_0(pg_config: &Path) -> PathBuf {
     }
     eprintln!("building 0.1.0 with script/release-build (set OUTBOX_RELEASE_0_1_0 to skip)");
     let started = Instant::now();
-    let out = Command::new(repo().join("script/release-build"))
+    let out = repo_script("release-build")
         .arg(RELEASE_0_1_0)
         .arg(pg_config)
         .stderr(Stdio::inherit())
