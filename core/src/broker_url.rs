@@ -4,6 +4,9 @@
 //! `amqp://user:password@host:port/vhost?heartbeat=30&connection_timeout=10000`.
 //! User, password and vhost are percent-decoded, so the vhost `/` is written `%2F`
 //! (`amqp://host/%2F`); a URL without a path, or with a bare `/`, also means the vhost `/`.
+//!
+//! The setting may name the nodes of one RabbitMQ cluster, separated by commas
+//! ([`parse_nodes`]); a comma inside a password is written `%2C`.
 
 use std::fmt;
 use std::time::Duration;
@@ -45,6 +48,54 @@ pub enum UrlError {
     QueryValue { name: String, value: String },
     #[error("unknown query parameter {0:?} (known: heartbeat, connection_timeout)")]
     QueryName(String),
+    #[error("node {index} of the list: {error}")]
+    Node { index: usize, error: Box<UrlError> },
+    #[error("the list names no node")]
+    NoNodes,
+    #[error("the list names more than {MAX_NODES} nodes")]
+    TooManyNodes,
+    #[error("node {0} repeats an earlier node")]
+    Repeated(usize),
+}
+
+/// Nodes `outbox.amqp_url` may list.
+pub const MAX_NODES: usize = 16;
+
+/// Parses a comma-separated list of the URLs of one cluster's nodes, in the order they are
+/// tried. Errors name the node by its position, never by its text (which holds a password).
+pub fn parse_nodes(text: &str) -> Result<Vec<BrokerUrl>, UrlError> {
+    let parts: Vec<&str> = text.split(',').collect();
+    if parts.len() > MAX_NODES {
+        return Err(UrlError::TooManyNodes);
+    }
+    if parts.len() == 1 {
+        return BrokerUrl::parse(text).map(|u| vec![u]);
+    }
+    let mut nodes: Vec<BrokerUrl> = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        if part.trim().is_empty() {
+            return Err(UrlError::Node { index: i + 1, error: Box::new(UrlError::NoHost) });
+        }
+        let node = BrokerUrl::parse(part).map_err(|e| UrlError::Node { index: i + 1, error: Box::new(e) })?;
+        if nodes.iter().any(|n| n.tls == node.tls && n.host == node.host && n.port == node.port) {
+            return Err(UrlError::Repeated(i + 1));
+        }
+        nodes.push(node);
+    }
+    if nodes.is_empty() {
+        return Err(UrlError::NoNodes);
+    }
+    Ok(nodes)
+}
+
+/// The nodes as `SHOW` and the logs print them: without passwords, separated by `, `.
+pub fn show_nodes(nodes: &[BrokerUrl]) -> String {
+    nodes.iter().map(BrokerUrl::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// Removes every node's password from a text.
+pub fn scrub_nodes(nodes: &[BrokerUrl], text: &str) -> String {
+    nodes.iter().fold(text.to_string(), |t, n| n.scrub(&t))
 }
 
 impl BrokerUrl {
@@ -201,6 +252,29 @@ mod tests {
             Err(UrlError::QueryValue { .. })
         ));
         assert!(matches!(BrokerUrl::parse("amqp://h?frame_max=1"), Err(UrlError::QueryName(_))));
+    }
+
+    #[test]
+    fn a_list_names_the_nodes_of_one_cluster_in_order() {
+        let nodes = parse_nodes("amqp://a:pa@n1:5672/%2F, amqps://b:pb@n2/v ,amqp://n3").unwrap();
+        assert_eq!(nodes.iter().map(|n| n.host.as_str()).collect::<Vec<_>>(), ["n1", "n2", "n3"]);
+        assert_eq!(nodes[1].port, 5671);
+        assert_eq!(show_nodes(&nodes), "amqp://a@n1:5672/%2F, amqps://b@n2:5671/v, amqp://guest@n3:5672/%2F");
+        assert_eq!(scrub_nodes(&nodes, "pa and pb"), "*** and ***");
+        assert_eq!(parse_nodes("amqp://h").unwrap().len(), 1);
+        assert_eq!(parse_nodes("amqp://u:a%2Cb@h").unwrap()[0].password(), "a,b");
+    }
+
+    #[test]
+    fn a_bad_list_is_refused_by_position_without_its_text() {
+        let err = parse_nodes("amqp://u:hunter2@h1, http://u:hunter2@h2").unwrap_err();
+        assert!(matches!(&err, UrlError::Node { index: 2, .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(matches!(parse_nodes("amqp://h1,"), Err(UrlError::Node { index: 2, .. })));
+        assert!(matches!(parse_nodes("amqp://h1, amqp://h1:5672"), Err(UrlError::Repeated(2))));
+        assert!(parse_nodes("amqp://h1:5672, amqp://h1:5673").is_ok());
+        let many = vec!["amqp://h"; MAX_NODES + 1].join(",");
+        assert!(matches!(parse_nodes(&many), Err(UrlError::TooManyNodes)));
     }
 
     #[test]

@@ -66,9 +66,33 @@ pub fn header_frame_len(
 /// Events without an aggregate id have none and are unordered.
 pub type OrderingKey = (Option<String>, String);
 
+/// Which of `publishers` publishes the events of an aggregate: always the same one (so its
+/// order and the one-unconfirmed-per-aggregate rule hold within one publisher). Events
+/// without an aggregate are spread by row ([`OutboxMessage::publisher`]). Pure, and stable
+/// within a process (SipHash with fixed keys).
+pub fn publisher_for(aggregate_type: &Option<String>, aggregate_id: &str, publishers: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    if publishers <= 1 {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    aggregate_type.hash(&mut h);
+    aggregate_id.hash(&mut h);
+    (h.finish() % publishers as u64) as usize
+}
+
 impl OutboxMessage {
     pub fn ordering_key(&self) -> Option<OrderingKey> {
         self.aggregate_id.as_ref().map(|id| (self.aggregate_type.clone(), id.clone()))
+    }
+
+    /// Which of `publishers` publishes this message: see [`publisher_for`].
+    pub fn publisher(&self, publishers: usize) -> usize {
+        match &self.aggregate_id {
+            Some(id) => publisher_for(&self.aggregate_type, id, publishers),
+            None if publishers <= 1 => 0,
+            None => self.row_id.rem_euclid(publishers as i64) as usize,
+        }
     }
 
     /// The AMQP envelope of this message. Fails for a row that `outbox.publish` would have
@@ -174,6 +198,26 @@ mod tests {
         assert!(e.properties.headers().is_none());
         assert_eq!(m.ordering_key(), None);
         assert_eq!(sample(1, Some("x")).ordering_key(), Some((Some("thing".into()), "x".into())));
+    }
+
+    #[test]
+    fn an_aggregate_always_goes_through_the_same_publisher() {
+        let mut counts = [0usize; 4];
+        for i in 0..1000 {
+            let m = sample(i, Some(&format!("agg-{}", i % 100)));
+            let p = m.publisher(4);
+            assert_eq!(p, sample(i + 5000, Some(&format!("agg-{}", i % 100))).publisher(4));
+            counts[p] += 1;
+        }
+        assert!(counts.iter().all(|c| *c >= 100), "spread over all four: {counts:?}");
+        assert_eq!(
+            (0..8).map(|i| sample(i, None).publisher(4)).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 0, 1, 2, 3]
+        );
+        assert_eq!(sample(3, Some("x")).publisher(1), 0);
+        let m = sample(9, Some("agg-7"));
+        let (t, id) = m.ordering_key().unwrap();
+        assert_eq!(publisher_for(&t, &id, 4), m.publisher(4), "a release finds the same publisher");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! the URL without its password (the show hook), and a rejection prints our own message, never
 //! the value.
 
+use pg_outbox_core::broker_url::{parse_nodes, show_nodes};
 use pg_outbox_core::validate::{ExchangeFilter, AMQP_SHORTSTR_MAX};
 use pg_outbox_core::{tls, BrokerUrl};
 use pgrx::pg_sys;
@@ -21,7 +22,7 @@ const URL_MASK: &CStr = c"********";
 
 thread_local! {
     /// The accepted URL (from the assign hook), parsed once per change.
-    pub(super) static CURRENT_URL: RefCell<Option<BrokerUrl>> = const { RefCell::new(None) };
+    pub(super) static CURRENT_URL: RefCell<Vec<BrokerUrl>> = const { RefCell::new(Vec::new()) };
     /// The same, as set, to restore it when Postgres re-applies the masked value.
     static CURRENT_URL_RAW: RefCell<Option<CString>> = const { RefCell::new(None) };
     /// Text shown by `SHOW outbox.amqp_url`.
@@ -108,10 +109,10 @@ pub(super) unsafe extern "C-unwind" fn check_amqp_url(
             Ok(t) => t,
             Err(_) => return reject("outbox.amqp_url is not valid UTF-8".into(), None),
         };
-        if let Err(e) = BrokerUrl::parse(text) {
+        if let Err(e) = parse_nodes(text) {
             return reject(
                 format!("invalid value for parameter \"outbox.amqp_url\": {e}"),
-                Some("Write it as amqp://user:password@host:port/vhost (amqps:// for TLS), the vhost / as %2F."),
+                Some("Write it as amqp://user:password@host:port/vhost (amqps:// for TLS), the vhost / as %2F; the nodes of one cluster separated by commas."),
             );
         }
         *extra = guc_strdup(*newval).cast();
@@ -128,11 +129,8 @@ pub(super) unsafe extern "C-unwind" fn assign_amqp_url(_newval: *const c_char, e
     }
     // SAFETY: `extra` is the NUL-terminated copy the check hook made.
     let raw = unsafe { CStr::from_ptr(extra.cast::<c_char>()) }.to_owned();
-    let parsed = raw.to_str().ok().and_then(|t| BrokerUrl::parse(t).ok());
-    SHOWN_URL.with(|s| {
-        *s.borrow_mut() =
-            CString::new(parsed.as_ref().map(|u| u.to_string()).unwrap_or_default()).unwrap_or_default()
-    });
+    let parsed = raw.to_str().ok().and_then(|t| parse_nodes(t).ok()).unwrap_or_default();
+    SHOWN_URL.with(|s| *s.borrow_mut() = CString::new(show_nodes(&parsed)).unwrap_or_default());
     CURRENT_URL.with(|u| *u.borrow_mut() = parsed);
     CURRENT_URL_RAW.with(|r| *r.borrow_mut() = Some(raw));
 }

@@ -44,6 +44,10 @@ static WAIT_FOR_SYNC_STANDBYS: GucSetting<bool> = GucSetting::<bool>::new(false)
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// `outbox.max_in_flight`: messages published but not confirmed, at most.
 static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// `outbox.publishers`: confirm-mode publishers (connections) per worker.
+static PUBLISHERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+/// Most publishers per worker.
+pub const MAX_PUBLISHERS: i32 = 32;
 /// `outbox.max_in_flight_bytes` (kB): bytes of events read but not yet confirmed, at most.
 static MAX_IN_FLIGHT_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 /// `outbox.poll_interval` (ms): the fallback wake-up.
@@ -68,7 +72,7 @@ pub fn init() {
         GucRegistry::define_string_guc_with_hooks(
             c"outbox.amqp_url",
             c"Broker the worker publishes to: amqp://user:password@host:port/vhost?heartbeat=30 (amqps:// for TLS).",
-            c"Superuser only. The password is never shown or logged; SHOW prints the URL without it.",
+            c"The nodes of one cluster may be listed, separated by commas: the worker uses the first that answers and moves to the next when its connection is lost. Superuser only. Passwords are never shown or logged; SHOW prints the URLs without them.",
             &AMQP_URL,
             GucContext::Sighup,
             GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
@@ -186,10 +190,18 @@ pub fn init() {
     );
     int_guc(
         c"outbox.max_in_flight",
-        c"Published but unconfirmed messages at most.",
+        c"Published but unconfirmed messages at most, per worker (shared by its publishers).",
         &MAX_IN_FLIGHT,
         1,
         65_535,
+        GucFlags::default(),
+    );
+    int_guc(
+        c"outbox.publishers",
+        c"Confirm-mode publishers per worker, each on its own connection; an aggregate's events always use the same one.",
+        &PUBLISHERS,
+        1,
+        MAX_PUBLISHERS,
         GucFlags::default(),
     );
     int_guc(
@@ -270,7 +282,8 @@ fn ms(setting: &GucSetting<i32>) -> Duration {
     Duration::from_millis(setting.get().max(0) as u64)
 }
 
-pub fn amqp_url() -> Option<BrokerUrl> {
+/// The broker's nodes, in the order they are tried; empty while none is set.
+pub fn amqp_nodes() -> Vec<BrokerUrl> {
     hooks::CURRENT_URL.with(|u| u.borrow().clone())
 }
 /// The TLS files, as set now (the files themselves are read at each connection).
@@ -312,6 +325,9 @@ pub fn batch_size() -> usize {
 }
 pub fn max_in_flight() -> usize {
     MAX_IN_FLIGHT.get() as usize
+}
+pub fn publishers() -> usize {
+    PUBLISHERS.get().clamp(1, MAX_PUBLISHERS) as usize
 }
 pub fn max_in_flight_bytes() -> usize {
     MAX_IN_FLIGHT_KB.get().max(1) as usize * 1024

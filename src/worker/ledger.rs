@@ -45,6 +45,8 @@ struct InFlight {
     attempts: i32,
     key: Option<OrderingKey>,
     bytes: usize,
+    /// The publisher it was handed to.
+    publisher: usize,
 }
 
 #[derive(Debug)]
@@ -92,14 +94,20 @@ impl<G: PartialEq + Copy> Ledger<G> {
         *self = Ledger::default();
     }
 
-    /// Takes rows read from the outbox for the session; marks those to be published alone.
-    pub fn hand_over(&mut self, rows: Vec<(OutboxMessage, usize)>) -> Vec<Handed> {
+    /// Takes rows read from the outbox for the sessions of `publishers` publishers; marks
+    /// those to be published alone.
+    pub fn hand_over(&mut self, rows: Vec<(OutboxMessage, usize)>, publishers: usize) -> Vec<Handed> {
         rows.into_iter()
             .map(|(message, bytes)| {
                 self.bytes += bytes;
                 self.in_flight.insert(
                     message.row_id,
-                    InFlight { attempts: message.attempts, key: message.ordering_key(), bytes },
+                    InFlight {
+                        attempts: message.attempts,
+                        key: message.ordering_key(),
+                        bytes,
+                        publisher: message.publisher(publishers),
+                    },
                 );
                 let alone = self.suspects.contains(&message.row_id);
                 Handed { message, alone }
@@ -176,8 +184,15 @@ impl<G: PartialEq + Copy> Ledger<G> {
         });
     }
 
-    /// The session ended: what it did not report was not attempted and will be read again.
-    pub fn session_ended(&mut self) {
+    /// The sessions of these publishers ended: what they did not report was not attempted
+    /// and will be read again.
+    pub fn sessions_ended(&mut self, publishers: &[usize]) {
+        self.in_flight.retain(|_, row| !publishers.contains(&row.publisher));
+        self.bytes = self.in_flight.values().map(|row| row.bytes).sum();
+    }
+
+    /// Every session ended (the connection was closed).
+    pub fn all_sessions_ended(&mut self) {
         self.in_flight.clear();
         self.bytes = 0;
     }
@@ -237,7 +252,7 @@ mod tests {
     fn outcomes_are_taken_once_and_restored_only_when_recording_failed() {
         let mut l = Ledger::default();
         l.for_generation(1);
-        l.hand_over(vec![(message(1, None), 10), (message(2, Some("a")), 20)]);
+        l.hand_over(vec![(message(1, None), 10), (message(2, Some("a")), 20)], 1);
         assert_eq!(take(&mut l, report(1, Outcome::Confirmed)), None);
         let error =
             take(&mut l, report(2, Outcome::Failed { kind: FailureKind::Nacked, reason: "secret".into() }));
@@ -259,7 +274,7 @@ mod tests {
         l.for_generation(1);
         let mut m = message(5, None);
         m.attempts = 2;
-        l.hand_over(vec![(m, 1)]);
+        l.hand_over(vec![(m, 1)], 1);
         take(&mut l, report(5, Outcome::Failed { kind: FailureKind::Unroutable, reason: "no route".into() }));
         assert_eq!(l.take_outcomes().failures[0].retry_after, None);
         l.unreadable(6, "payload: not UTF-8".into());
@@ -271,9 +286,9 @@ mod tests {
     fn a_new_generation_forgets_everything() {
         let mut l = Ledger::default();
         assert!(!l.for_generation(1), "the first is no change");
-        l.hand_over(vec![(message(1, None), 10)]);
+        l.hand_over(vec![(message(1, None), 10)], 1);
         take(&mut l, report(1, Outcome::Confirmed));
-        l.hand_over(vec![(message(2, None), 10)]);
+        l.hand_over(vec![(message(2, None), 10)], 1);
         assert!(!l.for_generation(1));
         assert!(l.for_generation(2), "dropped and created again");
         assert!(!l.has_outcomes(), "a confirm of the old table's row 1 must not delete the new one's");
@@ -286,13 +301,13 @@ mod tests {
     fn suspects_go_alone_until_settled() {
         let mut l = Ledger::default();
         l.for_generation(1);
-        l.hand_over(vec![(message(1, None), 1), (message(2, None), 1)]);
+        l.hand_over(vec![(message(1, None), 1), (message(2, None), 1)], 1);
         take(&mut l, report(1, Outcome::Suspected { reason: "501".into() }));
         take(&mut l, report(2, Outcome::NotAttempted));
-        let handed = l.hand_over(vec![(message(1, None), 1), (message(2, None), 1)]);
+        let handed = l.hand_over(vec![(message(1, None), 1), (message(2, None), 1)], 1);
         assert_eq!(handed.iter().map(|h| h.alone).collect::<Vec<_>>(), vec![true, false]);
         take(&mut l, report(1, Outcome::Confirmed));
-        let handed = l.hand_over(vec![(message(1, None), 1)]);
+        let handed = l.hand_over(vec![(message(1, None), 1)], 1);
         assert!(!handed[0].alone, "cleared by its confirm");
     }
 
@@ -300,12 +315,31 @@ mod tests {
     fn room_is_bounded_by_rows_and_bytes() {
         let mut l: Ledger<u32> = Ledger::default();
         assert_eq!(l.room(10, 100), (10, 100));
-        l.hand_over(vec![(message(1, None), 60)]);
+        l.hand_over(vec![(message(1, None), 60)], 1);
         assert_eq!(l.room(10, 100), (9, 40));
-        l.hand_over(vec![(message(2, None), 60)]);
+        l.hand_over(vec![(message(2, None), 60)], 1);
         assert_eq!(l.room(10, 100), (8, 0));
-        l.session_ended();
+        l.all_sessions_ended();
         assert_eq!(l.room(10, 100), (10, 100));
         assert_eq!(l.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_session_that_ends_alone_gives_back_only_its_rows() {
+        let mut l: Ledger<u32> = Ledger::default();
+        l.for_generation(1);
+        let rows: Vec<_> = (0..40).map(|i| (message(i, Some(&format!("agg-{i}"))), 10)).collect();
+        let handed = l.hand_over(rows, 4);
+        let of_two: Vec<i64> =
+            handed.iter().filter(|h| h.message.publisher(4) == 2).map(|h| h.message.row_id).collect();
+        assert!(!of_two.is_empty());
+        l.sessions_ended(&[2]);
+        assert_eq!(l.in_flight(), 40 - of_two.len());
+        assert!(of_two.iter().all(|id| !l.is_handed_over(*id)), "read again");
+        assert!(handed
+            .iter()
+            .filter(|h| h.message.publisher(4) != 2)
+            .all(|h| l.is_handed_over(h.message.row_id)));
+        assert_eq!(l.room(100, 1000), (100 - l.in_flight(), 1000 - 10 * l.in_flight()));
     }
 }

@@ -4,11 +4,13 @@
 //! - the main thread (the only one that may touch Postgres) repeats a *round* ([`round`]):
 //!   record the outcomes that came back, move the floor, read the next rows, make them
 //!   durable, hand them over;
-//! - a publishing session on the I/O thread ([`link`]) publishes what it is handed, with at
-//!   most `outbox.max_in_flight` messages unconfirmed, and sends back each message's outcome as
-//!   soon as the broker's confirm arrives.
+//! - publishing sessions on the I/O thread ([`link`], `outbox.publishers` of them, an aggregate
+//!   always through the same one) publish what they are handed, with at most
+//!   `outbox.max_in_flight` messages unconfirmed in all, and send back each message's outcome
+//!   as soon as the broker's confirm arrives.
 //!
-//! The pieces, each its own state machine: [`link`] (the broker connection and its back-off),
+//! The pieces, each its own state machine: [`link`] (the broker connections, the node in
+//! use) and [`reconnect`] (its back-off),
 //! [`ledger`] (what is in flight and what came back), [`floor`] (where reads start), [`table`]
 //! (which outbox, which generation), [`store`] (the SQL), `crate::durability` (no event before its transaction is durable), [`session`] (the
 //! database session's role and pinned settings), [`settings`], [`status`] and [`txn`]; the
@@ -21,6 +23,7 @@
 mod floor;
 mod ledger;
 mod link;
+mod reconnect;
 mod round;
 mod session;
 mod settings;

@@ -20,7 +20,7 @@ use super::table::{self, Generation, Table};
 use super::txn::{self, DbError};
 use crate::durability;
 use crate::wake;
-use pg_outbox_core::outcome::{Command, SessionEnd};
+use pg_outbox_core::outcome::Command;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
@@ -79,24 +79,23 @@ fn run(w: &mut Worker<'_>) -> Duration {
 fn collect(w: &mut Worker<'_>) {
     let reports = w.link.reports();
     w.take_reports(reports);
-    if let Some((last, end)) = w.link.ended_session(&mut w.rng) {
-        w.take_reports(last);
+    if let Some(ended) = w.link.ended_sessions(&mut w.rng) {
+        w.take_reports(ended.reports);
         // Handed over but never read by the session: not attempted, read again.
-        w.ledger.session_ended();
-        if let SessionEnd::ConnectionLost(lost) = end {
-            w.status.broker_down(&format!("lost the broker connection: {}", w.settings.scrub(&lost.reason)));
+        w.ledger.sessions_ended(&ended.publishers);
+        if let Some(reason) = ended.lost {
+            w.status.broker_down(&format!("lost the broker connection: {}", w.settings.scrub(&reason)));
         }
     }
 }
 
 /// Step 2: Whether a session runs now.
 fn connect(w: &mut Worker<'_>) -> bool {
-    match w.link.ensure_session(w.settings.publisher.as_ref(), &mut w.rng) {
+    match w.link.ensure_session(&w.settings, &mut w.rng) {
         LinkStatus::Running(None) => true,
         LinkStatus::Running(Some(connected)) => {
-            let shown = w.settings.publisher.as_ref().map(|p| p.url.to_string()).unwrap_or_default();
             let warning = connected.declare_warning.map(|e| w.settings.scrub(&e));
-            w.status.broker_connected(&shown, connected.frame_max, warning.as_deref());
+            w.status.broker_connected(&connected.node, connected.frame_max, warning.as_deref());
             true
         }
         LinkStatus::Down(reason) => {
@@ -271,7 +270,7 @@ fn hand_over(w: &mut Worker<'_>, rows: Vec<(pg_outbox_core::OutboxMessage, usize
     if rows.is_empty() || !w.link.is_running() {
         return;
     }
-    let handed = w.ledger.hand_over(rows);
+    let handed = w.ledger.hand_over(rows, w.link.publishers());
     w.link.send(Command::Publish(handed));
 }
 

@@ -1,15 +1,22 @@
 //! The worker's settings, read once per reload into one snapshot.
 
 use crate::gucs;
+use pg_outbox_core::broker_url::scrub_nodes;
 use pg_outbox_core::publisher::PublisherConfig;
 use pg_outbox_core::retry::RetryPolicy;
+use pg_outbox_core::BrokerUrl;
 use pgrx::pg_sys;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    /// What every publisher connects with (`url` is the first node; the link picks the node).
     /// `None` while `outbox.amqp_url` is not set.
     pub publisher: Option<PublisherConfig>,
+    /// The broker's nodes, in the order they are tried.
+    pub nodes: Vec<BrokerUrl>,
+    /// Publishers (connections) of the worker, each with its share of `max_in_flight`.
+    pub publishers: usize,
     pub batch_size: usize,
     pub max_in_flight: usize,
     pub max_in_flight_bytes: usize,
@@ -23,18 +30,22 @@ impl Settings {
     pub fn read() -> Settings {
         // SAFETY: reads this process' pid.
         let pid = unsafe { pg_sys::MyProcPid };
+        let nodes = gucs::amqp_nodes();
+        let publishers = gucs::publishers();
         Settings {
-            publisher: gucs::amqp_url().map(|url| PublisherConfig {
+            publisher: nodes.first().cloned().map(|url| PublisherConfig {
                 url,
                 tls: gucs::tls_files(),
                 default_exchange: gucs::exchange(),
                 declare_default_exchange: gucs::declare_exchange(),
                 mandatory: gucs::unroutable_is_failure(),
                 confirm_timeout: gucs::confirm_timeout(),
-                max_in_flight: gucs::max_in_flight(),
+                max_in_flight: gucs::max_in_flight().div_ceil(publishers),
                 allowed_exchanges: gucs::allowed_exchanges(),
                 connection_name: format!("pg_outbox worker (pid {pid})"),
             }),
+            nodes,
+            publishers,
             batch_size: gucs::batch_size(),
             max_in_flight: gucs::max_in_flight(),
             max_in_flight_bytes: gucs::max_in_flight_bytes(),
@@ -47,9 +58,6 @@ impl Settings {
 
     /// Removes the broker's password from a text that may have picked it up.
     pub fn scrub(&self, text: &str) -> String {
-        match &self.publisher {
-            Some(p) => p.url.scrub(text),
-            None => text.to_string(),
-        }
+        scrub_nodes(&self.nodes, text)
     }
 }

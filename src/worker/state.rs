@@ -110,14 +110,17 @@ impl<'rt> Worker<'rt> {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         let settings = Settings::read();
         self.link.reconnect.set_max(settings.reconnect_backoff_max);
-        if settings.publisher != self.settings.publisher {
+        let broker_changed = settings.publisher != self.settings.publisher
+            || settings.nodes != self.settings.nodes
+            || settings.publishers != self.settings.publishers;
+        if broker_changed {
             if self.link.is_running() {
                 log!("pg_outbox: broker settings changed, reconnecting");
             }
             let last = self.link.close(SHUTDOWN_GRACE);
             self.take_reports(last);
-            self.ledger.session_ended();
-            self.link.reconnect.restart(settings.reconnect_backoff_max, Instant::now());
+            self.ledger.all_sessions_ended();
+            self.link.restart(settings.reconnect_backoff_max);
             self.status.broker_settings_changed();
         }
         self.read_limit = settings.batch_size;
