@@ -11,6 +11,7 @@
 
 mod aggregate_lock;
 mod api;
+mod database;
 mod durability;
 mod encoding;
 mod gucs;

@@ -1,11 +1,18 @@
-//! Shared memory: the worker's status (read by `outbox.stats`) and what writers need to know
-//! of the broker. The wake-up flags live in [`crate::wake`].
+//! Shared memory: one status slot per served database (read by `outbox.stats` in that
+//! database), and what writers need to know of the broker. The wake-up flags live in
+//! [`crate::wake`].
+//!
+//! The launcher claims a slot for each database of `outbox.database` and passes its number to
+//! the database's worker, which writes only its own slot ([`update_status`]).
 
 use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+/// Databases one server may serve (entries of `outbox.database`).
+pub const MAX_DATABASES: usize = 64;
 
 const ERROR_BYTES: usize = 512;
 const STATE_BYTES: usize = 64;
@@ -89,8 +96,23 @@ impl WorkerStatus {
     }
 }
 
+/// Every database's slot; a free slot has `database_oid` 0.
+#[derive(Copy, Clone)]
+pub struct Slots([WorkerStatus; MAX_DATABASES]);
+
+// SAFETY: plain data, as `WorkerStatus`.
+unsafe impl PGRXSharedMemory for Slots {}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots([WorkerStatus::default(); MAX_DATABASES])
+    }
+}
+
 // SAFETY: the name is unique to this extension; initialised in `_PG_init` while preloading.
-static STATUS: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"pg_outbox_status") };
+static STATUS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_outbox_status") };
+/// This process' slot, in a worker (`usize::MAX` elsewhere).
+static MY_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// The `frame_max` the broker negotiated with the worker, 0 until it connected once.
 // SAFETY: as above.
 static FRAME_MAX: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_outbox_frame_max") };
@@ -99,7 +121,7 @@ static AVAILABLE: AtomicBool = AtomicBool::new(false);
 
 /// Called from `_PG_init` while preloading.
 pub fn init() {
-    pg_shmem_init!(STATUS = WorkerStatus::default());
+    pg_shmem_init!(STATUS = Slots::default());
     pg_shmem_init!(FRAME_MAX = AtomicU32::new(0));
     AVAILABLE.store(true, Ordering::Relaxed);
 }
@@ -109,14 +131,61 @@ pub fn available() -> bool {
     AVAILABLE.load(Ordering::Relaxed)
 }
 
+/// The status of the worker of the caller's database (a default one, "not running", when
+/// `outbox.database` does not name it); `None` when not preloaded.
 pub fn status() -> Option<WorkerStatus> {
-    available().then(|| *STATUS.share())
+    // SAFETY: reads this backend's database.
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    available().then(|| {
+        let slots = STATUS.share();
+        slots.0.iter().find(|s| database != 0 && s.database_oid == database).copied().unwrap_or_default()
+    })
 }
 
+/// The status in slot `slot`.
+pub fn slot_status(slot: usize) -> Option<WorkerStatus> {
+    available().then(|| STATUS.share().0.get(slot).copied()).flatten()
+}
+
+/// A worker writes its own slot, the one the launcher gave it ([`set_my_slot`]).
 pub fn update_status(f: impl FnOnce(&mut WorkerStatus)) {
+    update_slot(MY_SLOT.load(Ordering::Relaxed), f);
+}
+
+/// The launcher writes the slot of a database whose worker does not run.
+pub fn update_slot(slot: usize, f: impl FnOnce(&mut WorkerStatus)) {
     if available() {
-        f(&mut STATUS.exclusive());
+        if let Some(s) = STATUS.exclusive().0.get_mut(slot) {
+            f(s);
+        }
     }
+}
+
+pub fn set_my_slot(slot: usize) {
+    MY_SLOT.store(slot, Ordering::Relaxed);
+}
+
+pub fn my_slot() -> Option<usize> {
+    Some(MY_SLOT.load(Ordering::Relaxed)).filter(|s| *s < MAX_DATABASES)
+}
+
+/// The slot of database `oid`, claimed for it if it had none; `None` when all are taken.
+pub fn claim_slot(oid: u32) -> Option<usize> {
+    if !available() || oid == 0 {
+        return None;
+    }
+    let mut slots = STATUS.exclusive();
+    if let Some(i) = slots.0.iter().position(|s| s.database_oid == oid) {
+        return Some(i);
+    }
+    let free = slots.0.iter().position(|s| s.database_oid == 0 && s.pid == 0)?;
+    slots.0[free] = WorkerStatus { database_oid: oid, ..WorkerStatus::default() };
+    Some(free)
+}
+
+/// The database of slot `slot` is no longer served: the slot is free again.
+pub fn release_slot(slot: usize) {
+    update_slot(slot, |s| *s = WorkerStatus::default());
 }
 
 /// The largest frame the broker takes, as last negotiated; RabbitMQ's default until the worker

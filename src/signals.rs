@@ -97,24 +97,31 @@ pub fn take_reload() -> bool {
 /// Sleeps on the latch for at most `timeout`. Returns false when the process must stop. The
 /// process exits by itself if the postmaster dies.
 pub fn wait(timeout: Duration) -> bool {
+    wait_woken(timeout).is_some()
+}
+
+/// As [`wait`]; `Some(true)` when the latch was set (a commit, a signal), `Some(false)` when
+/// the time ran out, `None` when the process must stop.
+pub fn wait_woken(timeout: Duration) -> Option<bool> {
     // SAFETY: waits on this process' latch, on the main thread.
-    unsafe {
-        pg_sys::WaitLatch(
+    let events = unsafe {
+        let events = pg_sys::WaitLatch(
             pg_sys::MyLatch,
             (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
             timeout.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long,
             pg_sys::PG_WAIT_EXTENSION,
         );
         pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
+        events
+    };
     if stop_requested() {
-        return false;
+        return None;
     }
     drop_stale_cancel();
     // Serves other interrupts (e.g. ProcSignal barriers); never raises here: no die is pending
     // and a cancel between statements was dropped.
     pg_sys::check_for_interrupts!();
-    true
+    Some(events & pg_sys::WL_LATCH_SET as i32 != 0)
 }
 
 fn block_all_signals() {

@@ -55,7 +55,8 @@ fn worker_status() -> TableIterator<
             (
                 (s.pid > 0).then_some(s.pid),
                 match (s.pid, s.state()) {
-                    (0, _) => Some("not running".into()),
+                    // Why it does not run, when the launcher said (or "stopped").
+                    (0, state) => state.or_else(|| Some("not running".into())),
                     (_, state) => state.or_else(|| Some("starting".into())),
                 },
                 database,

@@ -13,32 +13,59 @@
 //! interval remains the safety net for anything else.
 //!
 //! The writer's half runs in transaction callbacks of every backend: it only reads and writes
-//! a thread-local flag and two atomics, and sets a latch.
+//! a thread-local flag and a few atomics (it finds its database's worker among at most
+//! `shmem::MAX_DATABASES` slots), and sets a latch.
 
 use crate::shmem;
 use pgrx::atomics::PgAtomic;
-use pgrx::pg_shmem_init;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
 thread_local! {
     /// This session's transaction wrote an event (or committed prepared ones).
     static WROTE_EVENT: Cell<bool> = const { Cell::new(false) };
 }
 
-/// `pgprocno` of the worker, or -1: the latch a commit sets.
+/// What one worker publishes for the commits of its database.
+struct WakeSlot {
+    /// The database it serves (0: none).
+    database: AtomicU32,
+    /// `pgprocno` of the worker, or -1: the latch a commit sets.
+    procno: AtomicI32,
+    /// Whether the worker wants the next commit to wake it.
+    wanted: AtomicBool,
+}
+
+/// One slot per served database, numbered as the status slots (`shmem::MAX_DATABASES`).
+pub struct WakeSlots([WakeSlot; shmem::MAX_DATABASES]);
+
+// SAFETY: atomics of plain integers, no pointers: valid in any process.
+unsafe impl PGRXSharedMemory for WakeSlots {}
+
+impl Default for WakeSlots {
+    fn default() -> Self {
+        WakeSlots(std::array::from_fn(|_| WakeSlot {
+            database: AtomicU32::new(0),
+            procno: AtomicI32::new(-1),
+            wanted: AtomicBool::new(false),
+        }))
+    }
+}
+
 // SAFETY: the name is unique to this extension; initialised in `_PG_init` while preloading.
-static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_outbox_procno") };
-/// Whether the worker wants the next commit to wake it.
-// SAFETY: as above.
-static WAKE_WANTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_outbox_wake_wanted") };
+static WAKE: PgAtomic<WakeSlots> = unsafe { PgAtomic::new(c"pg_outbox_wake") };
 
 /// Called from `_PG_init` while preloading.
 pub fn init_shared_memory() {
-    pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
-    pg_shmem_init!(WAKE_WANTED = AtomicBool::new(false));
+    pg_shmem_init!(WAKE = WakeSlots::default());
+}
+
+/// The worker's own slot.
+fn my_slot() -> Option<&'static WakeSlot> {
+    shmem::available().then(|| shmem::my_slot().map(|i| &WAKE.get().0[i])).flatten()
 }
 
 // The writer's half.
@@ -66,10 +93,18 @@ pub fn forgotten() {
 }
 
 fn wake_worker() {
-    if !shmem::available() || !WAKE_WANTED.get().swap(false, Ordering::SeqCst) {
+    if !shmem::available() {
         return;
     }
-    let procno = WORKER_PROCNO.get().load(Ordering::Acquire);
+    // SAFETY: reads this backend's database.
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let Some(slot) = WAKE.get().0.iter().find(|s| s.database.load(Ordering::Acquire) == database) else {
+        return;
+    };
+    if !slot.wanted.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    let procno = slot.procno.load(Ordering::Acquire);
     if procno < 0 {
         return;
     }
@@ -94,24 +129,28 @@ pub fn my_procno() -> i32 {
     i32::try_from(index).unwrap_or(-1)
 }
 
-/// The worker announces itself (or, with `None`, leaves) so commits can wake it.
+/// The worker announces itself in its slot (or, with `None`, leaves) so that commits in its
+/// database can wake it.
 pub fn register_worker(procno: Option<i32>) {
-    if shmem::available() {
-        WORKER_PROCNO.get().store(procno.unwrap_or(-1), Ordering::Release);
+    if let Some(slot) = my_slot() {
+        slot.procno.store(procno.unwrap_or(-1), Ordering::Release);
+        // SAFETY: reads this backend's database.
+        let database = if procno.is_some() { unsafe { pg_sys::MyDatabaseId }.to_u32() } else { 0 };
+        slot.database.store(database, Ordering::Release);
     }
 }
 
 /// The next commit must wake the worker. Called before it takes the snapshot of its read, so
 /// that a commit either is visible to that read or finds this armed.
 pub fn arm() {
-    if shmem::available() {
-        WAKE_WANTED.get().store(true, Ordering::SeqCst);
+    if let Some(slot) = my_slot() {
+        slot.wanted.store(true, Ordering::SeqCst);
     }
 }
 
 /// Commits need not wake the worker (it cannot publish now).
 pub fn disarm() {
-    if shmem::available() {
-        WAKE_WANTED.get().store(false, Ordering::SeqCst);
+    if let Some(slot) = my_slot() {
+        slot.wanted.store(false, Ordering::SeqCst);
     }
 }

@@ -174,6 +174,27 @@ pub fn check_short_str(field: &'static str, value: &str) -> Result<(), InvalidEv
     }
 }
 
+/// `outbox.database`: the databases served, separated by commas (spaces around a name are
+/// ignored). At most `max` distinct names, none empty or longer than Postgres allows.
+pub fn database_list(text: &str, max: usize) -> Result<Vec<String>, String> {
+    let names: Vec<String> = text.split(',').map(|n| n.trim().to_string()).collect();
+    if names.len() > max {
+        return Err(format!("at most {max} databases can be served"));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() {
+            return Err(format!("entry {} of the list is empty", i + 1));
+        }
+        if name.len() >= 64 {
+            return Err(format!("entry {} is longer than a database name can be (63 bytes)", i + 1));
+        }
+        if names[..i].contains(name) {
+            return Err(format!("database \"{name}\" is listed twice"));
+        }
+    }
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +287,16 @@ mod tests {
         assert_eq!(check_event(&EventArgs { exchange: Some("orders"), ..ok() }, &l), Ok(()));
         // An event naming no exchange goes to outbox.exchange, the administrator's own choice.
         assert_eq!(check_event(&ok(), &l), Ok(()));
+    }
+
+    #[test]
+    fn a_database_list_names_each_database_once() {
+        assert_eq!(database_list("app", 64).unwrap(), ["app"]);
+        assert_eq!(database_list(" app , billing", 64).unwrap(), ["app", "billing"]);
+        assert!(database_list("", 64).unwrap_err().contains("empty"));
+        assert!(database_list("app,,b", 64).unwrap_err().contains("entry 2"));
+        assert!(database_list("app, app", 64).unwrap_err().contains("twice"));
+        assert!(database_list("a,b,c", 2).unwrap_err().contains("at most 2"));
+        assert!(database_list(&"x".repeat(64), 64).is_err());
     }
 }

@@ -159,28 +159,64 @@ pub(super) unsafe extern "C-unwind" fn check_short_string(
     true
 }
 
+/// Checks a list setting's new value with `parse`; refuses it naming `name`, with `hint`.
+///
+/// # Safety
+/// Only from a GUC check hook, with its `newval`.
+unsafe fn check_list<E: std::fmt::Display>(
+    newval: *mut *mut c_char,
+    name: &str,
+    parse: impl FnOnce(&str) -> Result<(), E>,
+    hint: &str,
+) -> bool {
+    // SAFETY: Postgres passes valid pointers; a non-null string is NUL-terminated.
+    let text = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(*newval).to_string_lossy().into_owned()
+        }
+    };
+    match parse(&text) {
+        // SAFETY: called from a check hook.
+        Err(e) => unsafe { reject(format!("invalid value for parameter \"{name}\": {e}"), Some(hint)) },
+        Ok(()) => true,
+    }
+}
+
+#[pg_guard]
+pub(super) unsafe extern "C-unwind" fn check_database_list(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let parse = |t: &str| pg_outbox_core::validate::database_list(t, crate::shmem::MAX_DATABASES).map(drop);
+    // SAFETY: a check hook's `newval`.
+    unsafe {
+        check_list(
+            newval,
+            "outbox.database",
+            parse,
+            "Name the databases to serve, separated by commas: 'app, billing'.",
+        )
+    }
+}
+
 #[pg_guard]
 pub(super) unsafe extern "C-unwind" fn check_allowed_exchanges(
     newval: *mut *mut c_char,
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    // SAFETY: as above.
-    let text = unsafe {
-        if newval.is_null() || (*newval).is_null() {
-            return true;
-        }
-        CStr::from_ptr(*newval).to_string_lossy().into_owned()
-    };
-    match ExchangeFilter::parse(&text) {
-        // SAFETY: called from a check hook.
-        Err(e) => unsafe {
-            reject(
-                format!("invalid value for parameter \"outbox.allowed_exchanges\": {e}"),
-                Some("Use * for every exchange, or a comma-separated list of names (amq.default for '')."),
-            )
-        },
-        Ok(_) => true,
+    let parse = |t: &str| ExchangeFilter::parse(t).map(drop);
+    // SAFETY: a check hook's `newval`.
+    unsafe {
+        check_list(
+            newval,
+            "outbox.allowed_exchanges",
+            parse,
+            "Use * for every exchange, or a comma-separated list of names (amq.default for '').",
+        )
     }
 }
 

@@ -140,14 +140,20 @@ pub fn init() {
             None,
         );
     }
-    GucRegistry::define_string_guc(
-        c"outbox.database",
-        c"Database whose outbox the worker publishes.",
-        c"Changing it on reload restarts the worker in the new database.",
-        &DATABASE,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    // SAFETY: a check hook with the signature Postgres expects, defined in `hooks`.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.database",
+            c"Databases whose outboxes are published, separated by commas: one worker each.",
+            c"Adding or removing a database on reload starts or stops only its worker.",
+            &DATABASE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(hooks::check_database_list),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_string_guc(
         c"outbox.role",
         c"Role the worker works as; empty means the bootstrap superuser.",
@@ -294,8 +300,10 @@ pub fn tls_files() -> TlsFiles {
         ca_file.is_none() && hooks::CA_FILE_REFUSED.load(std::sync::atomic::Ordering::Relaxed);
     TlsFiles { ca_file_refused, ..TlsFiles::new(ca_file, path(&TLS_CERT_FILE), path(&TLS_KEY_FILE)) }
 }
-pub fn database() -> String {
-    string(&DATABASE)
+/// The databases of `outbox.database` (checked when set).
+pub fn databases() -> Vec<String> {
+    pg_outbox_core::validate::database_list(&string(&DATABASE), crate::shmem::MAX_DATABASES)
+        .unwrap_or_default()
 }
 /// `None`: the bootstrap superuser.
 pub fn role() -> Option<String> {

@@ -41,18 +41,23 @@ use status::Status;
 
 pub const WORKER_TYPE: &str = "pg_outbox worker";
 
-/// The launcher's `bgw_extra`: the role's oid and whether it may log in, or "0".
-pub fn role_argument(role: Option<(pg_sys::Oid, bool)>) -> String {
+/// The launcher's `bgw_extra`: the worker's status slot, then the role's oid and whether it
+/// may log in, or "0".
+pub fn worker_argument(slot: usize, role: Option<(pg_sys::Oid, bool)>) -> String {
     match role {
-        Some((oid, login)) => format!("{}:{}", oid.to_u32(), u8::from(login)),
-        None => "0".into(),
+        Some((oid, login)) => format!("{slot}/{}:{}", oid.to_u32(), u8::from(login)),
+        None => format!("{slot}/0"),
     }
 }
 
-fn parse_role_argument(extra: &str) -> Option<(pg_sys::Oid, bool)> {
-    let (oid, login) = extra.split_once(':')?;
-    let oid = oid.parse::<u32>().ok().filter(|o| *o != 0)?;
-    Some((pg_sys::Oid::from(oid), login == "1"))
+fn parse_worker_argument(extra: &str) -> (Option<usize>, Option<(pg_sys::Oid, bool)>) {
+    let (slot, role) = extra.split_once('/').unwrap_or(("", extra));
+    let slot = slot.parse::<usize>().ok().filter(|s| *s < crate::shmem::MAX_DATABASES);
+    let role = role.split_once(':').and_then(|(oid, login)| {
+        let oid = oid.parse::<u32>().ok().filter(|o| *o != 0)?;
+        Some((pg_sys::Oid::from(oid), login == "1"))
+    });
+    (slot, role)
 }
 
 #[pg_guard]
@@ -60,7 +65,13 @@ fn parse_role_argument(extra: &str) -> Option<(pg_sys::Oid, bool)> {
 pub extern "C-unwind" fn pg_outbox_worker_main(arg: pg_sys::Datum) {
     signals::install();
     let database = pg_sys::Oid::from(arg.value() as u32);
-    session::connect(database, parse_role_argument(BackgroundWorker::get_extra()));
+    let (slot, role) = parse_worker_argument(BackgroundWorker::get_extra());
+    let Some(slot) = slot else {
+        warning!("pg_outbox worker started without a status slot; stopping");
+        return;
+    };
+    crate::shmem::set_my_slot(slot);
+    session::connect(database, role);
     session::pin();
     // SAFETY: registered once; `on_exit` only touches shared memory we own.
     unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
@@ -80,10 +91,11 @@ pub extern "C-unwind" fn pg_outbox_worker_main(arg: pg_sys::Datum) {
     worker.shutdown();
 }
 
-/// The main loop: settings, pace, a round, a pause; until SIGTERM.
+/// The main loop: settings, pace, a round, a pause; until SIGTERM, or until a command needs
+/// the database to itself.
 fn run(worker: &mut Worker<'_>) {
     loop {
-        if signals::stop_requested() {
+        if signals::stop_requested() || worker.must_leave() {
             break;
         }
         if signals::take_reload() {
@@ -110,12 +122,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_role_travels_with_its_login_flag() {
+    fn the_slot_and_role_travel_with_the_login_flag() {
         let role = Some((pg_sys::Oid::from(16384), false));
-        assert_eq!(parse_role_argument(&role_argument(role)), role);
+        assert_eq!(parse_worker_argument(&worker_argument(3, role)), (Some(3), role));
         let role = Some((pg_sys::Oid::from(10), true));
-        assert_eq!(parse_role_argument(&role_argument(role)), role);
-        assert_eq!(parse_role_argument(&role_argument(None)), None);
-        assert_eq!(parse_role_argument("garbage"), None);
+        assert_eq!(parse_worker_argument(&worker_argument(0, role)), (Some(0), role));
+        assert_eq!(parse_worker_argument(&worker_argument(63, None)), (Some(63), None));
+        assert_eq!(parse_worker_argument("garbage"), (None, None));
+        assert_eq!(parse_worker_argument("64/0"), (None, None), "no such slot");
     }
 }

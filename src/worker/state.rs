@@ -26,6 +26,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 const MIN_ROUND_SPACING: Duration = Duration::from_micros(500);
 /// Longest wait for outcomes before looking around again (latch, settings, stop).
 const OUTCOME_WAIT: Duration = Duration::from_millis(100);
+/// How often the worker looks whether a command needs its database to itself (such a command
+/// waits five seconds for other sessions to leave).
+const LEAVE_CHECK: Duration = Duration::from_millis(250);
 
 pub struct Worker<'rt> {
     pub(super) settings: Settings,
@@ -40,6 +43,7 @@ pub struct Worker<'rt> {
     pub(super) last_round_light: bool,
     pub(super) last_round_at: Instant,
     pub(super) truncate_checked: Instant,
+    leave_checked: Instant,
 }
 
 impl<'rt> Worker<'rt> {
@@ -57,6 +61,7 @@ impl<'rt> Worker<'rt> {
             last_round_light: false,
             last_round_at: now,
             truncate_checked: now,
+            leave_checked: now,
         }
     }
 
@@ -80,7 +85,20 @@ impl<'rt> Worker<'rt> {
             return true;
         }
         if self.ledger.in_flight() == 0 {
-            return signals::wait(pause);
+            // On the latch, looking now and then whether the database is wanted.
+            let until = Instant::now() + pause;
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return true;
+                }
+                match signals::wait_woken(left.min(LEAVE_CHECK)) {
+                    None => return false,
+                    Some(true) => return true,
+                    Some(false) if self.must_leave() => return false,
+                    Some(false) => {}
+                }
+            }
         }
         let enough = (self.ledger.in_flight() / 4).clamp(1, self.settings.batch_size);
         let reports = self.link.wait_for_reports(pause.min(OUTCOME_WAIT), enough);
@@ -101,6 +119,22 @@ impl<'rt> Worker<'rt> {
                 self.status.failed_attempt(kind.unwrap_or("failed"), &error);
             }
         }
+    }
+
+    /// Whether a command needs the worker's database to itself (DROP DATABASE, say): then
+    /// the worker leaves, and the launcher waits for the command to finish.
+    pub(super) fn must_leave(&mut self) -> bool {
+        if self.leave_checked.elapsed() < LEAVE_CHECK {
+            return false;
+        }
+        self.leave_checked = Instant::now();
+        // SAFETY: reads this process' database.
+        let database = unsafe { pg_sys::MyDatabaseId };
+        if !crate::database::wanted_alone(database) {
+            return false;
+        }
+        log!("pg_outbox: a command needs this database to itself (DROP, RENAME, a copy); the worker leaves");
+        true
     }
 
     /// Reads the settings again; new broker settings mean a new connection (what is in flight
