@@ -104,6 +104,13 @@ pub fn quick_retries(max_attempts: &'static str) -> [(&'static str, &'static str
     ]
 }
 
+/// Publishers per worker in this run's clusters (`OUTBOX_TEST_PUBLISHERS`, default 1). With
+/// more than one, only each aggregate's events keep their order; events without an aggregate
+/// may arrive in any order.
+pub fn test_publishers() -> usize {
+    std::env::var("OUTBOX_TEST_PUBLISHERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
 /// Settings every test cluster gets; a test adds or overrides with its own.
 pub fn base_settings(port: u16, dir: &Path) -> Vec<(String, String)> {
     [
@@ -119,6 +126,8 @@ pub fn base_settings(port: u16, dir: &Path) -> Vec<(String, String)> {
         ("shared_buffers", "'64MB'".into()),
         ("fsync", "on".into()),
         ("log_line_prefix", "'%m [%p] %b '".into()),
+        // `OUTBOX_TEST_PUBLISHERS=4` runs a suite with that many publishers per worker.
+        ("outbox.publishers", test_publishers().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -3,13 +3,16 @@
 
 pub mod broker;
 pub mod cluster;
+pub mod cluster_node;
 pub mod install;
 pub mod load;
 pub mod proxy;
 pub mod tls_node;
 
 pub use broker::{dedup, unique, Broker, BrokerOutage, Consumer, Delivery};
-pub use cluster::{quick_retries, unreachable_broker_url, wait_until, Cluster, BROKER_URL, DB};
+pub use cluster::{
+    quick_retries, test_publishers, unreachable_broker_url, wait_until, Cluster, BROKER_URL, DB,
+};
 pub use load::{verify, Load, LoadSpec, Verdict};
 pub use proxy::Proxy;
 pub use tls_node::{Certificates, TlsNode};

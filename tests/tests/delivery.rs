@@ -71,8 +71,9 @@ fn committed_events_arrive_with_every_property() {
     tx.commit().unwrap();
 
     let got = consumer.wait_for(2, WITHIN);
-    let first = &got[0];
-    assert_eq!(first.message_id.as_deref(), Some(full.to_string().as_str()));
+    // In this order with one publisher; with several, events of different aggregates may not be.
+    let by_id = |id: Uuid| got.iter().find(|d| d.message_id.as_deref() == Some(id.to_string().as_str()));
+    let first = by_id(full).expect("the first event");
     assert_eq!(first.message_type.as_deref(), Some("FundsTransferEvent"));
     assert_eq!(first.content_type.as_deref(), Some("application/json"));
     assert_eq!(first.delivery_mode, Some(2), "persistent");
@@ -96,8 +97,10 @@ fn committed_events_arrive_with_every_property() {
     assert!(h.get("meta").is_some_and(|t| t.contains('k') && t.contains('v')), "{h:?}");
     assert_eq!(h.len(), 9, "{h:?}");
 
-    let second = &got[1];
-    assert_eq!(second.message_id.as_deref(), Some(procedure_id.to_string().as_str()));
+    if test_publishers() == 1 {
+        assert_eq!(got[0].message_id.as_deref(), Some(full.to_string().as_str()), "commit order");
+    }
+    let second = by_id(procedure_id).expect("the second event");
     assert_eq!(second.routing_key, "AccountOpened", "routing key defaults to the event type");
     assert_eq!(second.message_type.as_deref(), Some("AccountOpened"));
     assert!(second.headers.is_empty(), "no aggregate, no headers: {:?}", second.headers);
@@ -198,9 +201,12 @@ fn a_backlog_written_while_the_broker_was_unreachable_drains_completely() {
     assert_eq!(received, ids, "every event of the backlog, and nothing else");
     assert_eq!(duplicates, 0);
     cluster.wait_drained(WITHIN);
-    // A backlog drains in row order when nothing fails.
+    // A backlog drains in row order when nothing fails (through one publisher: with several,
+    // events without an aggregate are spread over them).
     let order: Vec<i64> = got.iter().map(|d| d.json()["n"].as_i64().unwrap()).collect();
-    assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order");
+    if test_publishers() == 1 {
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order");
+    }
 }
 
 #[test]
