@@ -6,6 +6,7 @@ mod burst;
 mod cpu;
 mod latency;
 mod naive;
+mod publishers;
 mod raw;
 mod relay;
 mod tls;
@@ -63,7 +64,7 @@ fn table(rows: &[Row]) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick { relay::Sizes::quick() } else { relay::Sizes::full() };
-    // `--only relay,burst,latency,write,naive,tls` runs some parts.
+    // `--only relay,burst,latency,write,naive,tls,publishers` runs some parts.
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
     let run = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p == part));
     let (seconds, write_seconds) = if quick { (5, 5) } else { (20, 20) };
@@ -90,6 +91,9 @@ fn main() {
     }
     if run("tls") {
         rows.extend(tls::tls(if quick { 20_000 } else { 100_000 }));
+    }
+    if run("publishers") {
+        rows.extend(publishers::publishers(if quick { 50_000 } else { 200_000 }));
     }
     progress(&format!("done in {:.0?}", started.elapsed()));
     println!("\n{}", table(&rows));

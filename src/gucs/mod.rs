@@ -196,7 +196,7 @@ pub fn init() {
     );
     int_guc(
         c"outbox.max_in_flight",
-        c"Published but unconfirmed messages at most, per worker (shared by its publishers).",
+        c"Published but unconfirmed messages at most, per publisher.",
         &MAX_IN_FLIGHT,
         1,
         65_535,

@@ -6,7 +6,7 @@
 //!   durable, hand them over;
 //! - publishing sessions on the I/O thread ([`link`], `outbox.publishers` of them, an aggregate
 //!   always through the same one) publish what they are handed, with at most
-//!   `outbox.max_in_flight` messages unconfirmed in all, and send back each message's outcome
+//!   `outbox.max_in_flight` messages unconfirmed each, and send back each message's outcome
 //!   as soon as the broker's confirm arrives.
 //!
 //! The pieces, each its own state machine: [`link`] (the broker connections, the node in

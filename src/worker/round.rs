@@ -118,7 +118,8 @@ pub struct Read {
 /// do, commits have nothing to wake the worker for.
 fn plan_read(w: &mut Worker<'_>, connected: bool) -> Option<Read> {
     let s = &w.settings;
-    let (rows, bytes) = w.ledger.room(s.max_in_flight + s.batch_size, s.max_in_flight_bytes);
+    // Each publisher may have `max_in_flight` unconfirmed; a batch more waits behind them.
+    let (rows, bytes) = w.ledger.room(s.max_in_flight * s.publishers + s.batch_size, s.max_in_flight_bytes);
     let read = connected && rows >= s.batch_size.min(MIN_READ) && bytes > 0;
     if read {
         wake::arm();

@@ -15,7 +15,7 @@ pub struct Settings {
     pub publisher: Option<PublisherConfig>,
     /// The broker's nodes, in the order they are tried.
     pub nodes: Vec<BrokerUrl>,
-    /// Publishers (connections) of the worker, each with its share of `max_in_flight`.
+    /// Publishers (connections) of the worker, each with up to `max_in_flight` unconfirmed.
     pub publishers: usize,
     pub batch_size: usize,
     pub max_in_flight: usize,
@@ -40,7 +40,7 @@ impl Settings {
                 declare_default_exchange: gucs::declare_exchange(),
                 mandatory: gucs::unroutable_is_failure(),
                 confirm_timeout: gucs::confirm_timeout(),
-                max_in_flight: gucs::max_in_flight().div_ceil(publishers),
+                max_in_flight: gucs::max_in_flight(),
                 allowed_exchanges: gucs::allowed_exchanges(),
                 connection_name: format!("pg_outbox worker (pid {pid})"),
             }),
