@@ -34,3 +34,25 @@ pub fn wanted_alone(database: pg_sys::Oid) -> bool {
         }
     }
 }
+
+/// Takes, for the life of this worker, the lock that makes it its database's only worker; false
+/// when another worker holds it (started by an earlier launcher, say, and not yet seen by this
+/// one). An advisory lock of the database with `objsubid` 5 in `pg_locks` (user advisory locks
+/// use 1 and 2; pg_outbox's writers 3 and 4), so no one else's lock can collide with it.
+pub fn serve_alone() -> bool {
+    // SAFETY: reads this process' database.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let tag = pg_sys::LOCKTAG {
+        locktag_field1: database.to_u32(),
+        // "pgou", "tbox": fixed, so that every worker of this database asks for the same lock.
+        locktag_field2: 0x7067_6f75,
+        locktag_field3: 0x7462_6f78,
+        locktag_field4: 5,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    };
+    // SAFETY: a session lock (kept until the process exits, released by Postgres then),
+    // never waited for.
+    let got = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true, true) };
+    got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}

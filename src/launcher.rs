@@ -94,6 +94,7 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
             for gone in served.iter_mut().filter(|s| !databases.contains(&s.name)) {
                 log!("pg_outbox: no longer serving database \"{}\" (outbox.database)", gone.name);
                 gone.stop();
+                // Released once its worker has exited (`stop` waits for that).
                 if let Some((_, slot)) = gone.found {
                     shmem::release_slot(slot);
                 }
@@ -110,12 +111,41 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
         for s in &mut served {
             s.step(&role, &mut role_found);
         }
+        sweep(&served);
         if !signals::wait(CHECK_INTERVAL) {
             break;
         }
     }
     // The postmaster stops the workers itself at shutdown; after a lone SIGTERM they keep
     // running and the restarted launcher adopts them.
+}
+
+/// Slots of databases no longer listed (removed while an earlier launcher ran, say): their
+/// workers are stopped, then the slots freed.
+fn sweep(served: &[Served]) {
+    for (slot, oid) in shmem::claimed_slots() {
+        if served.iter().any(|s| s.found.is_some_and(|(o, i)| i == slot || o.to_u32() == oid)) {
+            continue;
+        }
+        match running_pid(slot) {
+            Some(pid) => {
+                log!("pg_outbox: stopping the worker of a database that outbox.database no longer lists");
+                // SAFETY: asks a worker of ours (its pid from shared memory) to stop.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                wait_for_exit(slot);
+                shmem::release_slot(slot);
+            }
+            None => shmem::release_slot(slot),
+        }
+    }
+}
+
+/// Waits (10 s at most) for the worker in `slot` to exit.
+fn wait_for_exit(slot: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while running_pid(slot).is_some() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The pid of a running worker in `slot` (one this launcher may not have started).
@@ -182,14 +212,15 @@ impl Served {
                 slot
             }
         };
+        if running_pid(slot).is_some() {
+            // Started by an earlier launcher: adopted.
+            return Err(Waiting::Nothing);
+        }
         if found.is_template {
             return Err(Waiting::Refused("it is a template database"));
         }
         if !found.allows_connections {
             return Err(Waiting::Refused("it does not allow connections (ALLOW_CONNECTIONS false)"));
-        }
-        if running_pid(slot).is_some() {
-            return Err(Waiting::Nothing);
         }
         let role = role_found
             .get_or_insert_with(|| lookup_role(role.as_deref()))
@@ -236,10 +267,13 @@ impl Served {
             }
         };
         if let (Some(state), Some((_, slot))) = (state, self.found) {
-            shmem::update_slot(slot, |s| {
-                s.pid = 0;
-                s.set_state(&state);
-            });
+            // Only about a database whose worker does not run.
+            if running_pid(slot).is_none() {
+                shmem::update_slot(slot, |s| {
+                    s.pid = 0;
+                    s.set_state(&state);
+                });
+            }
         }
         self.waiting = waiting;
     }
@@ -275,9 +309,12 @@ impl Served {
         if let Some((handle, _)) = self.worker.take() {
             let _ = handle.terminate().wait_for_shutdown();
         }
-        if let Some(pid) = self.found.and_then(|(_, slot)| running_pid(slot)) {
-            // SAFETY: asks a worker of ours (its pid from shared memory) to stop.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+        if let Some((_, slot)) = self.found {
+            if let Some(pid) = running_pid(slot) {
+                // SAFETY: asks a worker of ours (its pid from shared memory) to stop.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                wait_for_exit(slot);
+            }
         }
         self.not_before = Instant::now();
         self.waiting = Waiting::Nothing;

@@ -183,6 +183,21 @@ pub fn claim_slot(oid: u32) -> Option<usize> {
     Some(free)
 }
 
+/// Every claimed slot: (slot, database oid).
+pub fn claimed_slots() -> Vec<(usize, u32)> {
+    if !available() {
+        return Vec::new();
+    }
+    let slots = STATUS.share();
+    slots
+        .0
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.database_oid != 0)
+        .map(|(i, s)| (i, s.database_oid))
+        .collect()
+}
+
 /// The database of slot `slot` is no longer served: the slot is free again.
 pub fn release_slot(slot: usize) {
     update_slot(slot, |s| *s = WorkerStatus::default());

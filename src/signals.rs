@@ -74,14 +74,6 @@ pub fn stop_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0 }
 }
 
-/// Resolves once SIGTERM has arrived; polled, so it can run inside `block_on` on the main
-/// thread (the only thread that may look at Postgres' flags).
-pub async fn stop_requested_async() {
-    while !stop_requested() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Whether a reload is pending; clears the flag.
 pub fn take_reload() -> bool {
     // SAFETY: a flag set by the signal handler, read and cleared on the main thread.

@@ -132,11 +132,20 @@ pub fn my_procno() -> i32 {
 /// The worker announces itself in its slot (or, with `None`, leaves) so that commits in its
 /// database can wake it.
 pub fn register_worker(procno: Option<i32>) {
-    if let Some(slot) = my_slot() {
-        slot.procno.store(procno.unwrap_or(-1), Ordering::Release);
-        // SAFETY: reads this backend's database.
-        let database = if procno.is_some() { unsafe { pg_sys::MyDatabaseId }.to_u32() } else { 0 };
-        slot.database.store(database, Ordering::Release);
+    let Some(slot) = my_slot() else { return };
+    match procno {
+        Some(procno) => {
+            slot.procno.store(procno, Ordering::Release);
+            // SAFETY: reads this backend's database.
+            slot.database.store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::Release);
+        }
+        None => {
+            // Leaving: only if the slot is still ours (the launcher may have given it to the
+            // worker of another database meanwhile).
+            if slot.procno.compare_exchange(my_procno(), -1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                slot.database.store(0, Ordering::Release);
+            }
+        }
     }
 }
 

@@ -4,6 +4,12 @@
 //! confirms, window 1,000, into the same kind of durable queue). Relay drains and bare runs
 //! alternate, and each drain is compared with the bare runs just before and after it: the
 //! machine's speed drifts by about 20% within a run.
+//!
+//! Then the same in a second scenario, "4 queues": the same events routed by aggregate to 4
+//! durable queues (aggregate k with routing key `q{k mod 4}`, queue i bound to `q{i}`), drained
+//! with `outbox.publishers` = 1 and 4, against one bare publisher and 4 bare publishers at once
+//! sending the same messages with the same routing keys. One queue is one Erlang process on
+//! the broker, one core at most; with several queues the broker can use more than one core.
 
 use crate::cpu::{measure, rabbitmq_pid};
 use crate::relay::{bounded_queue, published_total};
@@ -24,10 +30,43 @@ const WINDOW: u64 = 1000;
 const COUNTS: [u32; 4] = [1, 2, 4, 8];
 /// The count the goal is set for.
 const TARGET_COUNT: u32 = 4;
+/// Queues of the second scenario, and the publisher counts drained there.
+const QUEUES: u64 = 4;
+const QUEUES_COUNTS: [u32; 2] = [1, 4];
+
+/// The routing key of aggregate `aggregate` with `queues` queues: the event type (pg_outbox's
+/// default) with one queue bound to `#`, `q{aggregate mod queues}` with several.
+fn routing_key(aggregate: u64, queues: u64) -> String {
+    if queues == 1 {
+        "FundsTransferEvent".to_string()
+    } else {
+        format!("q{}", aggregate % queues)
+    }
+}
+
+/// `queues` durable queues bounded like [`bounded_queue`]: one bound to `#`, or queue i bound
+/// to `q{i}`.
+fn declare_queues(broker: &Broker, exchange: &str, queues: u64) -> Vec<String> {
+    if queues == 1 {
+        return vec![bounded_queue(broker, exchange)];
+    }
+    (0..queues)
+        .map(|i| {
+            let mut args = amqprs::FieldTable::new();
+            args.insert("x-max-length".try_into().unwrap(), amqprs::FieldValue::l(10_000));
+            args.insert(
+                "x-overflow".try_into().unwrap(),
+                amqprs::FieldValue::S("drop-head".try_into().unwrap()),
+            );
+            broker.declare_queue(exchange, &format!("q{i}"), args)
+        })
+        .collect()
+}
 
 /// Writes `count` events (about 100 bytes of JSON each) over [`AGGREGATES`] aggregates, event
-/// `i` to aggregate `account-<i mod 1000>`, in transactions of 50,000.
-fn write_backlog(cluster: &Cluster, exchange: &str, count: u64) {
+/// `i` to aggregate `account-<i mod 1000>`, in transactions of 50,000; with several `queues`,
+/// with the routing key `q<(i mod 1000) mod queues>`.
+fn write_backlog(cluster: &Cluster, exchange: &str, count: u64, queues: u64) {
     let mut db = cluster.client();
     let mut done = 0u64;
     while done < count {
@@ -39,9 +78,10 @@ fn write_backlog(cluster: &Cluster, exchange: &str, count: u64) {
                                        'currency', 'EUR', 'ref', lpad(i::text, 12, '0')),
                     aggregate_type => 'account',
                     aggregate_id => 'account-' || lpad((i % $4::int8)::text, 6, '0'),
-                    exchange => $1)
+                    exchange => $1,
+                    routing_key => CASE WHEN $5::int8 > 1 THEN 'q' || ((i % $4::int8) % $5::int8)::text END)
                FROM generate_series($2::int8, $2::int8 + $3::int8 - 1) i",
-            &[&exchange, &(done as i64), &n, &(AGGREGATES as i64)],
+            &[&exchange, &(done as i64), &n, &(AGGREGATES as i64), &(queues as i64)],
         )
         .unwrap();
         done += n as u64;
@@ -51,9 +91,9 @@ fn write_backlog(cluster: &Cluster, exchange: &str, count: u64) {
 /// A bare amqprs publisher: one connection, one confirm-mode channel, at most `window`
 /// unconfirmed, `mandatory`, and the message the worker sends for the backlog's events (uuid
 /// message id, type, content type, persistent, timestamp, app id, the two aggregate headers
-/// with the same values, a body of the same length). Sends messages `first..first + count`;
-/// returns when it started and when the last confirm came.
-fn bare_publisher(exchange: &str, first: u64, count: u64, window: u64) -> (Instant, Instant) {
+/// with the same values, a body of the same length, the same routing key). Sends messages
+/// `first..first + count`; returns when it started and when the last confirm came.
+fn bare_publisher(exchange: &str, queues: u64, first: u64, count: u64, window: u64) -> (Instant, Instant) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
         let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
@@ -63,7 +103,9 @@ fn bare_publisher(exchange: &str, first: u64, count: u64, window: u64) -> (Insta
         let (tx, mut rx) = watch::channel(0u64);
         channel.register_callback(raw::ConfirmCounter::new(tx)).await.unwrap();
         channel.confirm_select(ConfirmSelectArguments::new(false)).await.unwrap();
-        let args = BasicPublishArguments::new(exchange, "FundsTransferEvent").mandatory(true).finish();
+        let args: Vec<BasicPublishArguments> = (0..queues)
+            .map(|q| BasicPublishArguments::new(exchange, &routing_key(q, queues)).mandatory(true).finish())
+            .collect();
         let started = Instant::now();
         for tag in 1..=count {
             while tag - *rx.borrow() > window {
@@ -83,7 +125,8 @@ fn bare_publisher(exchange: &str, first: u64, count: u64, window: u64) -> (Insta
                 .with_timestamp(1_700_000_000)
                 .with_app_id("pg_outbox")
                 .with_headers(headers);
-            channel.basic_publish(props.finish(), raw::body(n), args.clone()).await.unwrap();
+            let args = args[((n % AGGREGATES) % queues) as usize].clone();
+            channel.basic_publish(props.finish(), raw::body(n), args).await.unwrap();
         }
         while *rx.borrow() < count {
             tokio::time::timeout(Duration::from_secs(60), rx.changed()).await.unwrap().unwrap();
@@ -97,12 +140,14 @@ fn bare_publisher(exchange: &str, first: u64, count: u64, window: u64) -> (Insta
 
 /// `parallel` bare publishers at once, each on its own connection with its share of the
 /// messages and of the window; returns the rate from the first start to the last confirm.
-fn bare_publishers(exchange: &str, count: u64, parallel: u64) -> f64 {
+fn bare_publishers(exchange: &str, queues: u64, count: u64, parallel: u64) -> f64 {
     let share = count / parallel;
     let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..parallel)
             .map(|k| {
-                s.spawn(move || bare_publisher(exchange, 1 + k * share, share, WINDOW.div_ceil(parallel)))
+                s.spawn(move || {
+                    bare_publisher(exchange, queues, 1 + k * share, share, WINDOW.div_ceil(parallel))
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -173,38 +218,47 @@ struct Bare {
     busy: f64,
 }
 
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
+/// The broker, the cluster and the exchange both scenarios use, and the queues of the
+/// scenario running.
+struct Bench<'a> {
+    broker: &'a Broker,
+    cluster: &'a Cluster,
+    exchange: String,
+    rabbit: u32,
+    count: u64,
+    queues: u64,
+    names: Vec<String>,
 }
 
-pub fn publishers(count: u64) -> Vec<Row> {
-    let broker = Broker::connect();
-    let exchange = unique("bench.publishers");
-    broker.exchange(&exchange);
-    let mut queue = bounded_queue(&broker, &exchange);
-    let rabbit = rabbitmq_pid().unwrap_or(0);
-    let unreachable = pg_outbox_tests::unreachable_broker_url();
-    let cluster = Cluster::start(&crate::settings(&[
-        ("outbox.amqp_url", unreachable.as_str()),
-        ("outbox.max_in_flight", "1000"),
-        ("outbox.batch_size", "1000"),
-    ]));
-    cluster.wait_for_worker();
-    let has_setting: bool = cluster
-        .client()
-        .query_one("SELECT count(*) > 0 FROM pg_settings WHERE name = 'outbox.publishers'", &[])
-        .unwrap()
-        .get(0);
+impl Bench<'_> {
+    /// Empties the scenario's queues (deletes and declares them again).
+    fn reset_queues(&mut self) {
+        for q in &self.names {
+            self.broker.delete_queue(q);
+        }
+        self.names = declare_queues(self.broker, &self.exchange, self.queues);
+    }
 
-    // `parallel` bare publishers at once (1: the baseline).
-    let bare_run = |queue: &mut String, parallel: u64| {
+    fn label(&self) -> String {
+        if self.queues == 1 {
+            String::new()
+        } else {
+            format!(" ({} queues)", self.queues)
+        }
+    }
+
+    /// `parallel` bare publishers at once (1: the baseline).
+    fn bare_run(&mut self, parallel: u64) -> Bare {
+        let count = self.count;
         progress(&format!(
-            "{parallel} bare amqprs publisher(s): {count} messages over {AGGREGATES} aggregate ids, \
-             at most {WINDOW} unconfirmed in all"
+            "{parallel} bare amqprs publisher(s){}: {count} messages over {AGGREGATES} aggregate ids, \
+             at most {WINDOW} unconfirmed in all",
+            self.label()
         ));
         let me = std::process::id();
-        let ((rate, busy), _, cpu) =
-            measure(&[me, rabbit], || machine_busy(|| bare_publishers(&exchange, count, parallel)));
+        let ((rate, busy), _, cpu) = measure(&[me, self.rabbit], || {
+            machine_busy(|| bare_publishers(&self.exchange, self.queues, count, parallel))
+        });
         let per = (cpu[0] * 1e6 / count as f64, cpu[1] * 1e6 / count as f64);
         progress(&format!(
             "  {rate:.0} msgs/s; CPU per message: publisher {:.0} µs, RabbitMQ {:.0} µs; machine {:.0}% busy",
@@ -212,12 +266,12 @@ pub fn publishers(count: u64) -> Vec<Row> {
             per.1,
             busy * 100.0
         ));
-        broker.delete_queue(queue);
-        *queue = bounded_queue(&broker, &exchange);
+        self.reset_queues();
         Bare { rate, rabbit_us: per.1, busy }
-    };
+    }
 
-    let relay_run = |queue: &mut String, publishers: u32| {
+    fn relay_run(&mut self, publishers: u32) -> Drain {
+        let (cluster, count) = (self.cluster, self.count);
         let mut admin = cluster.admin();
         admin.batch_execute(&format!("ALTER SYSTEM SET outbox.publishers = {publishers}")).unwrap();
         admin.batch_execute("SELECT pg_reload_conf()").unwrap();
@@ -225,14 +279,17 @@ pub fn publishers(count: u64) -> Vec<Row> {
             let shown: String = cluster.client().query_one("SHOW outbox.publishers", &[]).unwrap().get(0);
             (shown == publishers.to_string()).then_some(())
         });
-        progress(&format!("outbox.publishers = {publishers}: writing a backlog of {count} events"));
+        progress(&format!(
+            "outbox.publishers = {publishers}{}: writing a backlog of {count} events",
+            self.label()
+        ));
         let t = Instant::now();
-        write_backlog(&cluster, &exchange, count);
+        write_backlog(cluster, &self.exchange, count, self.queues);
         progress(&format!("  written in {:.1?}; draining", t.elapsed()));
         let worker = cluster.wait_for_worker() as u32;
-        let before = published_total(&cluster);
+        let before = published_total(cluster);
         let mut connections: Option<usize> = None;
-        let ((rate, busy), _, cpu) = measure(&[worker, rabbit], || {
+        let ((rate, busy), _, cpu) = measure(&[worker, self.rabbit], || {
             machine_busy(|| {
                 let started = Instant::now();
                 cluster.reconfigure(&[("outbox.amqp_url", BROKER_URL)]);
@@ -240,7 +297,7 @@ pub fn publishers(count: u64) -> Vec<Row> {
                     if let Some(n) = broker_connections(worker) {
                         connections = Some(connections.unwrap_or(0).max(n));
                     }
-                    (published_total(&cluster) - before >= count as i64).then_some(())
+                    (published_total(cluster) - before >= count as i64).then_some(())
                 });
                 count as f64 / started.elapsed().as_secs_f64()
             })
@@ -266,102 +323,147 @@ pub fn publishers(count: u64) -> Vec<Row> {
             ));
         }
         cluster.cut_off_broker();
-        broker.delete_queue(queue);
-        *queue = bounded_queue(&broker, &exchange);
+        self.reset_queues();
         drain
+    }
+
+    /// Runs a scenario with `queues` queues: one bare publisher, then each of `counts` drained
+    /// followed by one bare publisher (and, after [`TARGET_COUNT`], [`TARGET_COUNT`] bare
+    /// publishers at once before it), so each drain lies between two bare runs. Returns its
+    /// rows, the queues deleted.
+    fn scenario(&mut self, queues: u64, counts: &[u32]) -> Vec<Row> {
+        self.queues = queues;
+        self.names = declare_queues(self.broker, &self.exchange, queues);
+        let mut bare = vec![self.bare_run(1)];
+        let mut drains = Vec::new();
+        let mut parallel = None;
+        for &publishers in counts {
+            drains.push(self.relay_run(publishers));
+            if publishers == TARGET_COUNT {
+                parallel = Some((bare.len(), self.bare_run(TARGET_COUNT as u64)));
+            }
+            bare.push(self.bare_run(1));
+        }
+        for q in std::mem::take(&mut self.names) {
+            self.broker.delete_queue(&q);
+        }
+
+        let count = self.count;
+        let (prefix, one_bare) = if queues == 1 {
+            ("publishers:".to_string(), "one bare amqprs publisher".to_string())
+        } else {
+            (format!("publishers, {queues} queues:"), format!("one bare amqprs publisher, {queues} queues"))
+        };
+        // The runs of one bare publisher just before and after the measurement at `i`.
+        let around = |i: usize| Bare {
+            rate: (bare[i - 1].rate + bare[i].rate) / 2.0,
+            rabbit_us: (bare[i - 1].rabbit_us + bare[i].rabbit_us) / 2.0,
+            busy: (bare[i - 1].busy + bare[i].busy) / 2.0,
+        };
+        let mut rows: Vec<Row> = counts
+            .iter()
+            .zip(&drains)
+            .enumerate()
+            .map(|(i, (&publishers, d))| {
+                let b = around(i + 1);
+                let ratio = d.rate / b.rate;
+                let target = publishers == TARGET_COUNT;
+                Row {
+                    figure: format!(
+                        "{prefix} relay drains {count} events over {AGGREGATES} aggregates, outbox.publishers = {publishers}"
+                    ),
+                    value: format!(
+                        "{:.0} events/s; CPU/event: worker {:.1} µs, RabbitMQ {:.1} µs; {} broker connections; machine {:.0}% busy",
+                        d.rate,
+                        d.worker_us,
+                        d.rabbit_us,
+                        d.connections.map_or("?".to_string(), |n| n.to_string()),
+                        d.busy * 100.0
+                    ),
+                    baseline: format!(
+                        "{:.0} msgs/s {one_bare} (runs {:.0}, {:.0}); RabbitMQ {:.1} µs CPU/msg; machine {:.0}% busy",
+                        b.rate,
+                        bare[i].rate,
+                        bare[i + 1].rate,
+                        b.rabbit_us,
+                        b.busy * 100.0
+                    ),
+                    ratio: Some(ratio),
+                    target: if target { "≥ 100% of one bare publisher".into() } else { "reported".into() },
+                    met: target.then_some(ratio >= 1.0),
+                }
+            })
+            .collect();
+        if let Some((i, p)) = parallel {
+            let b = around(i);
+            rows.push(Row {
+                figure: format!(
+                    "{prefix} {TARGET_COUNT} bare amqprs publishers at once (own connections, {} unconfirmed each)",
+                    WINDOW.div_ceil(TARGET_COUNT as u64)
+                ),
+                value: format!(
+                    "{:.0} msgs/s; RabbitMQ {:.1} µs CPU/msg; machine {:.0}% busy",
+                    p.rate,
+                    p.rabbit_us,
+                    p.busy * 100.0
+                ),
+                baseline: format!("{:.0} msgs/s {one_bare} (runs {:.0}, {:.0})", b.rate, bare[i - 1].rate, bare[i].rate),
+                ratio: Some(p.rate / b.rate),
+                target: "context: what more connections give the broker".into(),
+                met: None,
+            });
+        }
+        rows
+    }
+}
+
+pub fn publishers(count: u64) -> Vec<Row> {
+    let broker = Broker::connect();
+    let exchange = unique("bench.publishers");
+    broker.exchange(&exchange);
+    let unreachable = pg_outbox_tests::unreachable_broker_url();
+    let cluster = Cluster::start(&crate::settings(&[
+        ("outbox.amqp_url", unreachable.as_str()),
+        ("outbox.max_in_flight", "1000"),
+        ("outbox.batch_size", "1000"),
+    ]));
+    cluster.wait_for_worker();
+    let has_setting: bool = cluster
+        .client()
+        .query_one("SELECT count(*) > 0 FROM pg_settings WHERE name = 'outbox.publishers'", &[])
+        .unwrap()
+        .get(0);
+    let mut bench = Bench {
+        broker: &broker,
+        cluster: &cluster,
+        exchange: exchange.clone(),
+        rabbit: rabbitmq_pid().unwrap_or(0),
+        count,
+        queues: 1,
+        names: Vec::new(),
     };
 
-    // bare, 1, bare, 2, bare, 4, [4 bare at once], bare, 8, bare: each drain, and the four bare
-    // publishers at once, between two runs of one bare publisher.
-    let mut bare = vec![bare_run(&mut queue, 1)];
-    let mut drains = Vec::new();
-    let mut parallel = None;
-    if has_setting {
-        for publishers in COUNTS {
-            drains.push(relay_run(&mut queue, publishers));
-            if publishers == TARGET_COUNT {
-                parallel = Some((bare.len(), bare_run(&mut queue, TARGET_COUNT as u64)));
-            }
-            bare.push(bare_run(&mut queue, 1));
-        }
-    } else {
+    if !has_setting {
         progress("outbox.publishers does not exist in this build: only the bare publisher ran");
-    }
-    broker.delete_queue(&queue);
-    broker.delete_exchange(&exchange);
-
-    let bare_rate = mean(&bare.iter().map(|b| b.rate).collect::<Vec<_>>());
-    let bare_rabbit = mean(&bare.iter().map(|b| b.rabbit_us).collect::<Vec<_>>());
-    if drains.is_empty() {
+        bench.names = declare_queues(&broker, &exchange, 1);
+        let b = bench.bare_run(1);
+        for q in std::mem::take(&mut bench.names) {
+            broker.delete_queue(&q);
+        }
+        broker.delete_exchange(&exchange);
         return vec![Row {
             figure: format!(
                 "publishers: one bare amqprs publisher, {count} messages over {AGGREGATES} aggregate ids"
             ),
             value: "outbox.publishers missing".into(),
-            baseline: format!("{bare_rate:.0} msgs/s (RabbitMQ {bare_rabbit:.0} µs CPU/msg)"),
+            baseline: format!("{:.0} msgs/s (RabbitMQ {:.0} µs CPU/msg)", b.rate, b.rabbit_us),
             ratio: None,
             target: "≥ 100% of one bare publisher with 4 publishers".into(),
             met: None,
         }];
     }
-    // The runs of one bare publisher just before and after the measurement at `i`.
-    let around = |i: usize| Bare {
-        rate: (bare[i - 1].rate + bare[i].rate) / 2.0,
-        rabbit_us: (bare[i - 1].rabbit_us + bare[i].rabbit_us) / 2.0,
-        busy: (bare[i - 1].busy + bare[i].busy) / 2.0,
-    };
-    let mut rows: Vec<Row> = COUNTS
-        .iter()
-        .zip(&drains)
-        .enumerate()
-        .map(|(i, (&publishers, d))| {
-            let b = around(i + 1);
-            let ratio = d.rate / b.rate;
-            let target = publishers == TARGET_COUNT;
-            Row {
-                figure: format!(
-                    "publishers: drain {count} events over {AGGREGATES} aggregates, outbox.publishers = {publishers}"
-                ),
-                value: format!(
-                    "{:.0} events/s; CPU/event: worker {:.1} µs, RabbitMQ {:.1} µs; {} broker connections; machine {:.0}% busy",
-                    d.rate,
-                    d.worker_us,
-                    d.rabbit_us,
-                    d.connections.map_or("?".to_string(), |n| n.to_string()),
-                    d.busy * 100.0
-                ),
-                baseline: format!(
-                    "{:.0} msgs/s one bare amqprs publisher (runs {:.0}, {:.0}); RabbitMQ {:.1} µs CPU/msg; machine {:.0}% busy",
-                    b.rate,
-                    bare[i].rate,
-                    bare[i + 1].rate,
-                    b.rabbit_us,
-                    b.busy * 100.0
-                ),
-                ratio: Some(ratio),
-                target: if target { "≥ 100% of one bare publisher".into() } else { "reported".into() },
-                met: target.then_some(ratio >= 1.0),
-            }
-        })
-        .collect();
-    if let Some((i, p)) = parallel {
-        let b = around(i);
-        rows.push(Row {
-            figure: format!(
-                "publishers: {TARGET_COUNT} bare amqprs publishers at once (own connections, {} unconfirmed each)",
-                WINDOW.div_ceil(TARGET_COUNT as u64)
-            ),
-            value: format!(
-                "{:.0} msgs/s; RabbitMQ {:.1} µs CPU/msg; machine {:.0}% busy",
-                p.rate,
-                p.rabbit_us,
-                p.busy * 100.0
-            ),
-            baseline: format!("{:.0} msgs/s one bare amqprs publisher", b.rate),
-            ratio: Some(p.rate / b.rate),
-            target: "context: what more connections give the broker".into(),
-            met: None,
-        });
-    }
+    let mut rows = bench.scenario(1, &COUNTS);
+    rows.extend(bench.scenario(QUEUES, &QUEUES_COUNTS));
+    broker.delete_exchange(&exchange);
     rows
 }

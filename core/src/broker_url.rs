@@ -58,6 +58,18 @@ pub enum UrlError {
     Repeated(usize),
 }
 
+impl UrlError {
+    /// The same error without any text taken from the URL.
+    fn hidden(self) -> UrlError {
+        match self {
+            UrlError::Scheme(_) => UrlError::Scheme("...".into()),
+            UrlError::QueryName(_) => UrlError::QueryName("...".into()),
+            UrlError::QueryValue { .. } => UrlError::QueryValue { name: "...".into(), value: "...".into() },
+            other => other,
+        }
+    }
+}
+
 /// Nodes `outbox.amqp_url` may list.
 pub const MAX_NODES: usize = 16;
 
@@ -76,7 +88,9 @@ pub fn parse_nodes(text: &str) -> Result<Vec<BrokerUrl>, UrlError> {
         if part.trim().is_empty() {
             return Err(UrlError::Node { index: i + 1, error: Box::new(UrlError::NoHost) });
         }
-        let node = BrokerUrl::parse(part).map_err(|e| UrlError::Node { index: i + 1, error: Box::new(e) })?;
+        // A comma that was part of a password splits it: nothing of a node's text is echoed.
+        let node = BrokerUrl::parse(part)
+            .map_err(|e| UrlError::Node { index: i + 1, error: Box::new(e.hidden()) })?;
         if nodes.iter().any(|n| n.tls == node.tls && n.host == node.host && n.port == node.port) {
             return Err(UrlError::Repeated(i + 1));
         }
@@ -270,6 +284,9 @@ mod tests {
         let err = parse_nodes("amqp://u:hunter2@h1, http://u:hunter2@h2").unwrap_err();
         assert!(matches!(&err, UrlError::Node { index: 2, .. }), "{err:?}");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+        // A raw comma in a password: the part after it is not echoed.
+        let err = parse_nodes("amqp://u:123,secret:x@h").unwrap_err().to_string();
+        assert!(!err.contains("secret"), "{err}");
         assert!(matches!(parse_nodes("amqp://h1,"), Err(UrlError::Node { index: 2, .. })));
         assert!(matches!(parse_nodes("amqp://h1, amqp://h1:5672"), Err(UrlError::Repeated(2))));
         assert!(parse_nodes("amqp://h1:5672, amqp://h1:5673").is_ok());

@@ -175,8 +175,12 @@ pub fn check_short_str(field: &'static str, value: &str) -> Result<(), InvalidEv
 }
 
 /// `outbox.database`: the databases served, separated by commas (spaces around a name are
-/// ignored). At most `max` distinct names, none empty or longer than Postgres allows.
+/// ignored); empty: none. At most `max` distinct names, none empty or longer than Postgres
+/// allows.
 pub fn database_list(text: &str, max: usize) -> Result<Vec<String>, String> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     let names: Vec<String> = text.split(',').map(|n| n.trim().to_string()).collect();
     if names.len() > max {
         return Err(format!("at most {max} databases can be served"));
@@ -293,7 +297,8 @@ mod tests {
     fn a_database_list_names_each_database_once() {
         assert_eq!(database_list("app", 64).unwrap(), ["app"]);
         assert_eq!(database_list(" app , billing", 64).unwrap(), ["app", "billing"]);
-        assert!(database_list("", 64).unwrap_err().contains("empty"));
+        assert_eq!(database_list(" ", 64).unwrap(), Vec::<String>::new(), "none served");
+        assert!(database_list("app,", 64).unwrap_err().contains("entry 2 of the list is empty"));
         assert!(database_list("app,,b", 64).unwrap_err().contains("entry 2"));
         assert!(database_list("app, app", 64).unwrap_err().contains("twice"));
         assert!(database_list("a,b,c", 2).unwrap_err().contains("at most 2"));

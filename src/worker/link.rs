@@ -160,20 +160,24 @@ impl<'rt> Link<'rt> {
             }
         }
         let mut reports = Vec::new();
-        while let Ok(r) = group.reports.try_recv() {
-            reports.push(r);
-        }
         let publishers = if lost.is_some() {
-            let group = self.group.take()?;
+            let mut group = self.group.take()?;
             self.next_node = group.node + 1;
             let all = (0..group.sessions.len()).collect();
-            for session in group.sessions.into_iter().flatten() {
+            for session in group.sessions.drain(..).flatten() {
                 // Stopped, not detached: nothing of it is published once the worker moved on.
                 session.task.abort();
+            }
+            // After the aborts: every outcome that was sent counts.
+            while let Ok(r) = group.reports.try_recv() {
+                reports.push(r);
             }
             self.reconnect.lost(Instant::now(), rng);
             all
         } else {
+            while let Ok(r) = group.reports.try_recv() {
+                reports.push(r);
+            }
             finished
         };
         self.note_confirms(&reports);
@@ -236,7 +240,7 @@ impl<'rt> Link<'rt> {
             let connected = self.runtime.block_on(async {
                 tokio::select! {
                     result = Publisher::connect(config) => Some(result),
-                    _ = signals::stop_requested_async() => None,
+                    _ = stop_or_leave() => None,
                 }
             });
             match connected {
@@ -288,16 +292,18 @@ impl<'rt> Link<'rt> {
     }
 
     /// Ends the sessions without waiting for them (their rows belong to a table that is
-    /// gone, or the settings changed); connects again at once, from the first node.
-    pub fn abandon_session(&mut self, backoff_max: Duration) {
+    /// gone, or a round panicked). The next connection waits for the back-off like after any
+    /// lost connection (short when this one had proved itself), so that nothing in the
+    /// database can make the worker reconnect in a loop.
+    pub fn abandon_session(&mut self, rng: &mut impl Rng) {
         if let Some(group) = self.group.take() {
             for session in group.sessions.into_iter().flatten() {
                 // Stopped, not detached: nothing of it may be published from now on. Its
                 // publisher (and connection) is dropped with it.
                 session.task.abort();
             }
+            self.reconnect.lost(Instant::now(), rng);
         }
-        self.restart(backoff_max);
     }
 
     /// Our own decision (new settings, a new table): connect again at once, from the first node.
@@ -328,6 +334,20 @@ impl<'rt> Link<'rt> {
             last.push(r);
         }
         last
+    }
+}
+
+/// Resolves once the worker must stop, or leave its database (a command needs it alone):
+/// connecting to nodes that do not answer can take longer than such a command waits.
+async fn stop_or_leave() {
+    // SAFETY: reads this process' database.
+    let database = unsafe { pgrx::pg_sys::MyDatabaseId };
+    loop {
+        // Polled inside `block_on` on the main thread, the only one that may do either.
+        if signals::stop_requested() || crate::database::wanted_alone(database) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

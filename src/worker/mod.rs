@@ -72,6 +72,10 @@ pub extern "C-unwind" fn pg_outbox_worker_main(arg: pg_sys::Datum) {
     };
     crate::shmem::set_my_slot(slot);
     session::connect(database, role);
+    if !crate::database::serve_alone() {
+        log!("pg_outbox: another worker serves this database; this one stops");
+        return;
+    }
     session::pin();
     // SAFETY: registered once; `on_exit` only touches shared memory we own.
     unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };

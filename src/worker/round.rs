@@ -89,8 +89,11 @@ fn collect(w: &mut Worker<'_>) {
     }
 }
 
-/// Step 2: Whether a session runs now.
+/// Step 2: Whether a session runs now. Not while the last round found no outbox to publish.
 fn connect(w: &mut Worker<'_>) -> bool {
+    if w.status.outbox_missing() {
+        return false;
+    }
     match w.link.ensure_session(&w.settings, &mut w.rng) {
         LinkStatus::Running(None) => true,
         LinkStatus::Running(Some(connected)) => {
@@ -246,7 +249,7 @@ fn settle_step(
 /// Everything the worker knew of the outbox's rows is about a table that is gone.
 fn forget(w: &mut Worker<'_>, now: Instant) {
     w.ledger.clear();
-    w.link.abandon_session(w.settings.reconnect_backoff_max);
+    w.link.abandon_session(&mut w.rng);
     w.floor.reset(now);
 }
 

@@ -63,12 +63,23 @@ impl Status {
         }
     }
 
+    /// The worker exits: its slot says so, unless the slot is no longer its own.
     pub fn stopped() {
+        // SAFETY: reads this process' pid.
+        let pid = unsafe { pg_sys::MyProcPid };
         shmem::update_status(|s| {
-            s.pid = 0;
-            s.broker_connected = false;
-            s.set_state("stopped");
+            if s.pid == pid {
+                s.pid = 0;
+                s.broker_connected = false;
+                s.set_state("stopped");
+            }
         });
+    }
+
+    /// The last round found no outbox it may use (no extension, or another version): the
+    /// worker does not connect to the broker for nothing.
+    pub fn outbox_missing(&self) -> bool {
+        matches!(self.db, DbState::NoExtension | DbState::OtherVersion(_))
     }
 
     pub fn broker_connected(&mut self, shown_url: &str, frame_max: u32, declare_warning: Option<&str>) {
