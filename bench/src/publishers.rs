@@ -17,7 +17,6 @@ use crate::{progress, raw, Row};
 use amqprs::callbacks::DefaultConnectionCallback;
 use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments};
 use amqprs::connection::{Connection, OpenConnectionArguments};
-use amqprs::BasicProperties;
 use pg_outbox_tests::{unique, wait_until, Broker, Cluster, BROKER_URL};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -112,21 +111,9 @@ fn bare_publisher(exchange: &str, queues: u64, first: u64, count: u64, window: u
                 rx.changed().await.unwrap();
             }
             let n = first + tag - 1;
-            let mut headers = amqprs::FieldTable::new();
-            headers.insert("aggregate_type".try_into().unwrap(), "account".into());
-            headers
-                .insert("aggregate_id".try_into().unwrap(), format!("account-{:06}", n % AGGREGATES).into());
-            let mut props = BasicProperties::default();
-            props
-                .with_message_id(&format!("01a21e66-c875-7173-84fb-{n:012}"))
-                .with_message_type("FundsTransferEvent")
-                .with_content_type("application/json")
-                .with_delivery_mode(2)
-                .with_timestamp(1_700_000_000)
-                .with_app_id("pg_outbox")
-                .with_headers(headers);
+            let props = raw::properties(n, format!("account-{:06}", n % AGGREGATES));
             let args = args[((n % AGGREGATES) % queues) as usize].clone();
-            channel.basic_publish(props.finish(), raw::body(n), args).await.unwrap();
+            channel.basic_publish(props, raw::body(n), args).await.unwrap();
         }
         while *rx.borrow() < count {
             tokio::time::timeout(Duration::from_secs(60), rx.changed()).await.unwrap().unwrap();

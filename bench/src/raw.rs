@@ -39,6 +39,25 @@ impl ChannelCallback for ConfirmCounter {
     async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
 }
 
+/// The properties pg_outbox sends for the benchmarks' event `n` of aggregate `aggregate_id`:
+/// a uuid message id, type, content type, persistent, timestamp, app id, the two aggregate
+/// headers.
+pub fn properties(n: u64, aggregate_id: String) -> BasicProperties {
+    let mut headers = amqprs::FieldTable::new();
+    headers.insert("aggregate_type".try_into().unwrap(), "account".into());
+    headers.insert("aggregate_id".try_into().unwrap(), aggregate_id.into());
+    let mut props = BasicProperties::default();
+    props
+        .with_message_id(&format!("01a21e66-c875-7173-84fb-{n:012}"))
+        .with_message_type("FundsTransferEvent")
+        .with_content_type("application/json")
+        .with_delivery_mode(2)
+        .with_timestamp(1_700_000_000)
+        .with_app_id("pg_outbox")
+        .with_headers(headers);
+    props.finish()
+}
+
 pub fn body(n: u64) -> Vec<u8> {
     // About 100 bytes of JSON, like the events the relay benchmark writes.
     format!(r#"{{"amount": 100, "from": "account-{:06}", "to": "account-{:06}", "currency": "EUR", "ref": "{n:012}"}}"#, n % 1000, (n + 1) % 1000)
@@ -97,21 +116,9 @@ pub fn publish_rate_to(
             while n - *rx.borrow() > window {
                 rx.changed().await.unwrap();
             }
-            // The same message pg_outbox sends for the relay benchmark's events: a uuid message
-            // id, the same properties, and the aggregate headers.
-            let mut headers = amqprs::FieldTable::new();
-            headers.insert("aggregate_type".try_into().unwrap(), "account".into());
-            headers.insert("aggregate_id".try_into().unwrap(), ((n * 7919) % 100_000).to_string().into());
-            let mut props = BasicProperties::default();
-            props
-                .with_message_id(&format!("01a21e66-c875-7173-84fb-{n:012}"))
-                .with_message_type("FundsTransferEvent")
-                .with_content_type("application/json")
-                .with_delivery_mode(2)
-                .with_timestamp(1_700_000_000)
-                .with_app_id("pg_outbox")
-                .with_headers(headers);
-            channel.basic_publish(props.finish(), body(n), args.clone()).await.unwrap();
+            // The same message pg_outbox sends for the relay benchmark's events.
+            let props = properties(n, ((n * 7919) % 100_000).to_string());
+            channel.basic_publish(props, body(n), args.clone()).await.unwrap();
         }
         while *rx.borrow() < count {
             tokio::time::timeout(Duration::from_secs(60), rx.changed()).await.unwrap().unwrap();

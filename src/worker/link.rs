@@ -243,15 +243,18 @@ impl<'rt> Link<'rt> {
                     _ = stop_or_leave() => None,
                 }
             });
-            match connected {
-                Some(Ok(p)) => publishers.push(p),
-                failed => {
-                    for p in publishers {
-                        self.runtime.block_on(p.close());
-                    }
-                    return failed.map(|r| Err(r.err().map(|e| e.to_string()).unwrap_or_default()));
+            let failed = match connected {
+                Some(Ok(p)) => {
+                    publishers.push(p);
+                    continue;
                 }
+                Some(Err(e)) => Some(Err(e.to_string())),
+                None => None,
+            };
+            for p in publishers {
+                self.runtime.block_on(p.close());
             }
+            return failed;
         }
         Some(Ok(publishers))
     }
