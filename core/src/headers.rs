@@ -24,6 +24,8 @@ pub enum HeaderError {
     ConflictsWithArgument(&'static str),
     #[error("headers are not valid JSON: {0}")]
     Json(String),
+    #[error("header {0:?} is the event's own (from its argument); outbox.headers may not set it")]
+    Reserved(&'static str),
 }
 
 pub fn json_kind(v: &Value) -> &'static str {
@@ -73,6 +75,25 @@ pub fn build(
         }
     }
     Ok(built)
+}
+
+/// Checks a value of `outbox.headers`, the headers added to every event a transaction writes
+/// (empty: none). The same rules as an event's own headers, and it may not name the headers
+/// that carry the event's aggregate.
+pub fn check_ambient(text: &str) -> Result<(), HeaderError> {
+    if text.trim().is_empty() {
+        return Ok(());
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| HeaderError::Json(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(HeaderError::NotAnObject(json_kind(&value)));
+    };
+    for name in [AGGREGATE_TYPE_HEADER, AGGREGATE_ID_HEADER] {
+        if map.contains_key(name) {
+            return Err(HeaderError::Reserved(name));
+        }
+    }
+    object_to_table(&map).map(drop)
 }
 
 /// An entry of a table: its name (a short string), a type byte, the value.
@@ -191,5 +212,25 @@ mod tests {
         );
         // Without the argument, a header of that name is the caller's own business.
         assert!(build(Some(r#"{"aggregate_id":"9"}"#), None, None).is_ok());
+    }
+
+    #[test]
+    fn ambient_headers_follow_the_same_rules_and_leave_the_aggregate_alone() {
+        assert_eq!(check_ambient(""), Ok(()));
+        assert_eq!(check_ambient("  "), Ok(()));
+        assert_eq!(
+            check_ambient(
+                r#"{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","tenant":"acme"}"#
+            ),
+            Ok(())
+        );
+        assert_eq!(check_ambient("[]"), Err(HeaderError::NotAnObject("an array")));
+        assert!(matches!(check_ambient("{"), Err(HeaderError::Json(_))));
+        assert_eq!(check_ambient(r#"{"aggregate_id":"1"}"#), Err(HeaderError::Reserved("aggregate_id")));
+        assert_eq!(check_ambient(r#"{"aggregate_type":"a"}"#), Err(HeaderError::Reserved("aggregate_type")));
+        assert!(matches!(
+            check_ambient(r#"{"n":18446744073709551615}"#),
+            Err(HeaderError::NumberOutOfRange { .. })
+        ));
     }
 }

@@ -9,6 +9,7 @@ pub mod broker_url;
 pub mod headers;
 pub mod locks;
 pub mod message;
+pub mod metrics;
 pub mod ordering;
 pub mod outcome;
 pub mod publisher;
