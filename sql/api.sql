@@ -97,12 +97,14 @@ REVOKE EXECUTE ON FUNCTION outbox.wake_worker_at_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION outbox.replay_dead_letters(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION outbox.purge_dead_letters(bigint[], interval) FROM PUBLIC;
 
--- Monitoring: one row. The counts are exact (count(*)), so they cost a scan of the outbox.
+-- Monitoring: one row, read without a scan of the outbox. pending and dead_letters are the
+-- statistics system's estimates, retrying what the worker last counted; outbox.exact_counts()
+-- counts all three.
 CREATE VIEW outbox.stats AS
-SELECT (SELECT count(*) FROM outbox.messages)                                   AS pending,
+SELECT pg_stat_get_live_tuples('outbox.messages'::regclass)                       AS pending,
        (SELECT now() - m.created_at FROM outbox.messages m ORDER BY m.id LIMIT 1) AS oldest_pending_age,
-       (SELECT count(*) FROM outbox.messages WHERE next_attempt_at IS NOT NULL) AS retrying,
-       (SELECT count(*) FROM outbox.dead_letters)                               AS dead_letters,
+       (SELECT r.value::bigint FROM outbox.worker_metrics() r WHERE r.name = 'outbox_retrying') AS retrying,
+       pg_stat_get_live_tuples('outbox.dead_letters'::regclass)                   AS dead_letters,
        w.published_total,
        w.failed_attempts_total,
        w.dead_lettered_total,

@@ -49,6 +49,7 @@ pub unsafe extern "C-unwind" fn outbox_publish(fcinfo: pg_sys::FunctionCallInfo)
     let arg = |n: usize| unsafe { pg_getarg_datum(fcinfo, n) };
     let (event_type, payload, aggregate_type, aggregate_id, headers, routing_key, exchange) =
         (arg(0), arg(1), arg(2), arg(3), arg(4), arg(5), arg(6));
+    let headers = with_ambient_headers(headers);
 
     let payload_bytes = payload.map(|p| utf8_len(jsonb_text(p)));
     let headers_text = headers.map(|h| utf8_or_raise(jsonb_text(h).to_bytes()).into_owned());
@@ -143,6 +144,30 @@ pub unsafe extern "C-unwind" fn outbox_lock_aggregate(fcinfo: pg_sys::FunctionCa
         aggregate_lock::lock(aggregate_lock_key(text(aggregate_type).as_deref(), &id));
     }
     pg_sys::Datum::from(0)
+}
+
+/// The event's own headers over those of `outbox.headers` (set by the caller, typically with
+/// `SET LOCAL`): an own header wins over an ambient one of the same name. Both are jsonb; the
+/// setting was checked to be a JSON object when it was set.
+fn with_ambient_headers(own: Option<pg_sys::Datum>) -> Option<pg_sys::Datum> {
+    let Some(ambient) = gucs::ambient_headers() else {
+        return own;
+    };
+    // SAFETY: `jsonb_in` parses a NUL-terminated text, alive for the call; the value is
+    // allocated in the function's memory context.
+    let ambient = unsafe {
+        direct_function_call::<pg_sys::Datum>(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(ambient.as_ptr()))],
+        )
+    }?;
+    match own {
+        None => Some(ambient),
+        // SAFETY: two jsonb values; `||` keeps the right-hand member of a name both have.
+        Some(own) => unsafe {
+            direct_function_call::<pg_sys::Datum>(pg_sys::jsonb_concat, &[Some(ambient), Some(own)])
+        },
+    }
 }
 
 /// The JSON text of a jsonb value, in the database's encoding.

@@ -3,7 +3,7 @@
 //! removes them once the broker confirms. See README.md.
 //!
 //! Modules: `api` (the write path) with `aggregate_lock` and `encoding`; `gucs` (settings);
-//! `shmem` (shared status); `wake` (commit-time wake-up), `durability` (no event before its
+//! `shmem` (shared status); `commit_times` (for the latency metrics); `wake` (commit-time wake-up), `durability` (no event before its
 //! transaction is durable) and `xact` (the transaction callback and utility hook every backend
 //! gets); `launcher` and `worker` (background processes);
 //! `signals` (signals, waits, I/O threads); `status` (SQL status functions). Everything that
@@ -11,11 +11,14 @@
 
 mod aggregate_lock;
 mod api;
+mod capture;
+mod commit_times;
 mod database;
 mod durability;
 mod encoding;
 mod gucs;
 mod launcher;
+mod metrics;
 mod shmem;
 mod signals;
 mod status;
@@ -31,8 +34,17 @@ pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!(
     "../sql/api.sql",
     name = "api",
-    requires = ["schema", status::worker_status, status::worker_available, status::wake_worker_at_commit]
+    requires = [
+        "schema",
+        status::worker_status,
+        status::worker_available,
+        status::wake_worker_at_commit,
+        metrics::worker_metrics
+    ]
 );
+pgrx::extension_sql_file!("../sql/metrics.sql", name = "metrics", requires = ["api", metrics::metrics_text]);
+pgrx::extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["api"]);
+pgrx::extension_sql_file!("../sql/inbox.sql", name = "inbox", requires = ["api"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -43,6 +55,7 @@ pub extern "C-unwind" fn _PG_init() {
         shmem::init();
         wake::init_shared_memory();
         durability::init_shared_memory();
+        commit_times::init_shared_memory();
         // pg_upgrade starts both the old and the new server in binary-upgrade mode: nothing
         // may publish from (or write to) a cluster being upgraded. Events wait in the outbox
         // table, which pg_upgrade carries over, for the first normal start.

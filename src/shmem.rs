@@ -5,6 +5,7 @@
 //! The launcher claims a slot for each database of `outbox.database` and passes its number to
 //! the database's worker, which writes only its own slot ([`update_status`]).
 
+use pg_outbox_core::metrics::Metrics;
 use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
@@ -29,6 +30,9 @@ pub struct WorkerStatus {
     pub last_publish_at: pg_sys::TimestampTz,
     pub broker_connected: bool,
     pub last_error_at: pg_sys::TimestampTz,
+    /// Counters (since the server started: a worker that starts again goes on counting) and
+    /// the worker's gauges, for `outbox.metrics`.
+    pub metrics: Metrics,
     /// The latest error, in full (broker host, user and vhost; never a password): shown to
     /// roles that may read other sessions' activity.
     last_error: [u8; ERROR_BYTES],
@@ -52,6 +56,7 @@ impl Default for WorkerStatus {
             last_publish_at: 0,
             broker_connected: false,
             last_error_at: 0,
+            metrics: Metrics::default(),
             last_error: [0; ERROR_BYTES],
             public_error: [0; STATE_BYTES],
             state: [0; STATE_BYTES],
@@ -75,6 +80,19 @@ fn get(buf: &[u8]) -> Option<String> {
 }
 
 impl WorkerStatus {
+    /// The slot for a worker that starts: what was counted goes on from where the last worker
+    /// of the database left it; everything else starts over.
+    pub fn restarted(&self) -> WorkerStatus {
+        WorkerStatus {
+            database_oid: self.database_oid,
+            published_total: self.published_total,
+            failed_attempts_total: self.failed_attempts_total,
+            dead_lettered_total: self.dead_lettered_total,
+            last_publish_at: self.last_publish_at,
+            metrics: self.metrics.restarted(),
+            ..WorkerStatus::default()
+        }
+    }
     pub fn last_error(&self) -> Option<String> {
         get(&self.last_error)
     }

@@ -249,12 +249,33 @@ mod tests {
     #[pg_test]
     fn stats_without_preloading() {
         Spi::run("SELECT outbox.publish('E', '{}')").unwrap();
+        // `pending` is the statistics system's estimate, which learns of this transaction's
+        // insert only after it ends; `exact_counts` counts.
         let row = Spi::get_three::<i64, String, bool>(
-            "SELECT pending, worker_state, worker_pid IS NULL AND broker_connected IS NULL FROM outbox.stats",
+            "SELECT e.pending, s.worker_state, s.worker_pid IS NULL AND s.broker_connected IS NULL
+               FROM outbox.stats s, outbox.exact_counts() e",
         )
         .unwrap();
         assert_eq!(row, (Some(1), Some("not preloaded".into()), Some(true)));
         assert!(!Spi::get_one::<bool>("SELECT outbox.worker_available()").unwrap().unwrap());
+    }
+
+    #[pg_test]
+    fn ambient_headers_go_under_an_events_own() {
+        Spi::run(r#"SET LOCAL outbox.headers = '{"traceparent": "00-ab-cd-01", "tenant": "acme"}'"#).unwrap();
+        Spi::run(r#"SELECT outbox.publish('E', '{}', headers => '{"tenant": "own", "n": 1}')"#).unwrap();
+        Spi::run("SELECT outbox.publish('E', '{}')").unwrap();
+        Spi::run("RESET outbox.headers").unwrap();
+        Spi::run("SELECT outbox.publish('E', '{}')").unwrap();
+        let headers = |n: i64| {
+            Spi::get_one::<String>(&format!(
+                "SELECT headers::text FROM outbox.messages ORDER BY id OFFSET {n} LIMIT 1"
+            ))
+            .unwrap()
+        };
+        assert_eq!(headers(0).as_deref(), Some(r#"{"n": 1, "tenant": "own", "traceparent": "00-ab-cd-01"}"#));
+        assert_eq!(headers(1).as_deref(), Some(r#"{"tenant": "acme", "traceparent": "00-ab-cd-01"}"#));
+        assert_eq!(headers(2), None);
     }
 
     fn dead_letter(event_type: &str, aggregate_id: Option<&str>) -> i64 {

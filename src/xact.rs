@@ -11,7 +11,7 @@
 //! guarded binding, and holds no value with a destructor across that call: a Postgres error
 //! raised below it jumps straight over its frame to Postgres' own handler.
 
-use crate::{aggregate_lock, durability, wake};
+use crate::{aggregate_lock, commit_times, durability, wake};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_void};
 
@@ -44,7 +44,7 @@ pub fn init() {
 }
 
 /// Transaction ends: the aggregate locks are gone, a commit of events notes whether it was
-/// flushed, and may wake the worker.
+/// flushed and when it happened, and may wake the worker.
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     match event {
@@ -52,6 +52,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             durability::commit_ended(true);
             aggregate_lock::transaction_ended();
+            commit_times::committed();
             wake::committed();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {

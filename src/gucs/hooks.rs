@@ -185,6 +185,23 @@ unsafe fn check_list<E: std::fmt::Display>(
 }
 
 #[pg_guard]
+pub(super) unsafe extern "C-unwind" fn check_headers(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: a check hook's `newval`.
+    unsafe {
+        check_list(
+            newval,
+            "outbox.headers",
+            pg_outbox_core::headers::check_ambient,
+            r#"Set a JSON object of header names and values: '{"traceparent": "00-...", "tenant": "acme"}'."#,
+        )
+    }
+}
+
+#[pg_guard]
 pub(super) unsafe extern "C-unwind" fn check_database_list(
     newval: *mut *mut c_char,
     _extra: *mut *mut c_void,

@@ -65,6 +65,11 @@ static RECONNECT_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000
 /// `outbox.max_payload_bytes`: the largest payload `outbox.publish` accepts.
 static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 
+/// `outbox.headers`: headers added to every event the transaction writes (`SET LOCAL`).
+static HEADERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+/// `outbox.inbox_retention` (s): how long `outbox.inbox_claim` remembers a message; 0: forever.
+static INBOX_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+
 /// Defines every setting and reserves the `outbox.` prefix. Called from `_PG_init`.
 pub fn init() {
     // SAFETY: hooks with the signatures Postgres expects, defined in `hooks`.
@@ -276,6 +281,28 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::UNIT_BYTE,
     );
+    // SAFETY: a check hook with the signature Postgres expects, defined in `hooks`.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.headers",
+            c"Headers (a JSON object) added to every event written while it is set: SET LOCAL it per transaction.",
+            c"For trace context (traceparent, tracestate) and the like. An event's own headers win over these.",
+            &HEADERS,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(hooks::check_headers),
+            None,
+            None,
+        );
+    }
+    int_guc(
+        c"outbox.inbox_retention",
+        c"How long outbox.inbox_claim remembers a claimed message; the worker removes older claims. 0: forever.",
+        &INBOX_RETENTION_S,
+        0,
+        i32::MAX,
+        GucFlags::UNIT_S,
+    );
     // SAFETY: called once, from `_PG_init`, after the settings above are defined.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"outbox".as_ptr()) };
 }
@@ -286,6 +313,16 @@ fn string(setting: &GucSetting<Option<CString>>) -> String {
 
 fn ms(setting: &GucSetting<i32>) -> Duration {
     Duration::from_millis(setting.get().max(0) as u64)
+}
+
+/// `outbox.headers` as set (in the database's encoding), unless empty.
+pub fn ambient_headers() -> Option<CString> {
+    HEADERS.get().filter(|h| !h.to_bytes().iter().all(u8::is_ascii_whitespace))
+}
+
+/// `outbox.inbox_retention`; `None`: claims are kept forever.
+pub fn inbox_retention() -> Option<Duration> {
+    Some(INBOX_RETENTION_S.get()).filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64))
 }
 
 /// The broker's nodes, in the order they are tried; empty while none is set.

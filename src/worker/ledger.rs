@@ -21,6 +21,25 @@ pub struct Failure {
     pub error: String,
     /// `None`: dead-letter it.
     pub retry_after: Option<Duration>,
+    pub meter: Meter,
+}
+
+/// What the metrics need to know of an event: where it goes, when its transaction committed
+/// and when its outcome came back (Postgres timestamps, microseconds).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Meter {
+    /// The exchange the row names (`None`: `outbox.exchange`).
+    pub exchange: Option<String>,
+    pub committed_at: i64,
+    pub settled_at: i64,
+}
+
+/// A row read from the outbox: the message, its size, when its transaction committed.
+#[derive(Debug)]
+pub struct ReadRow {
+    pub message: OutboxMessage,
+    pub bytes: usize,
+    pub committed_at: i64,
 }
 
 /// Outcomes to record in the outbox.
@@ -28,6 +47,8 @@ pub struct Failure {
 pub struct Outcomes {
     /// Rows the broker confirmed: delete them.
     pub confirmed: Vec<i64>,
+    /// The same rows' meters, in the same order.
+    pub confirmed_meters: Vec<Meter>,
     pub failures: Vec<Failure>,
     /// Aggregates whose failures are among `failures`: once those are on record, the session
     /// may let their later events go on.
@@ -47,6 +68,7 @@ struct InFlight {
     bytes: usize,
     /// The publisher it was handed to.
     publisher: usize,
+    meter: Meter,
 }
 
 #[derive(Debug)]
@@ -96,9 +118,9 @@ impl<G: PartialEq + Copy> Ledger<G> {
 
     /// Takes rows read from the outbox for the sessions of `publishers` publishers; marks
     /// those to be published alone.
-    pub fn hand_over(&mut self, rows: Vec<(OutboxMessage, usize)>, publishers: usize) -> Vec<Handed> {
+    pub fn hand_over(&mut self, rows: Vec<ReadRow>, publishers: usize) -> Vec<Handed> {
         rows.into_iter()
-            .map(|(message, bytes)| {
+            .map(|ReadRow { message, bytes, committed_at }| {
                 self.bytes += bytes;
                 self.in_flight.insert(
                     message.row_id,
@@ -107,6 +129,7 @@ impl<G: PartialEq + Copy> Ledger<G> {
                         key: message.ordering_key(),
                         bytes,
                         publisher: message.publisher(publishers),
+                        meter: Meter { exchange: message.exchange.clone(), committed_at, settled_at: 0 },
                     },
                 );
                 let alone = self.suspects.contains(&message.row_id);
@@ -131,20 +154,24 @@ impl<G: PartialEq + Copy> Ledger<G> {
         (max_rows.saturating_sub(self.in_flight.len()), bytes)
     }
 
-    /// Takes one outcome; for a failure, returns its error text.
+    /// Takes one outcome that came back at `now` (a Postgres timestamp); for a failure,
+    /// returns its error text and the row's exchange.
     pub fn take_report(
         &mut self,
         report: Report,
+        now: i64,
         policy: &RetryPolicy,
         rng: &mut impl Rng,
         scrub: impl Fn(&str) -> String,
-    ) -> Option<String> {
-        let row = self.in_flight.remove(&report.row_id)?;
+    ) -> Option<(String, Option<String>)> {
+        let mut row = self.in_flight.remove(&report.row_id)?;
         self.bytes = self.bytes.saturating_sub(row.bytes);
+        row.meter.settled_at = now;
         match report.outcome {
             Outcome::Confirmed => {
                 self.suspects.remove(&report.row_id);
                 self.outcomes.confirmed.push(report.row_id);
+                self.outcomes.confirmed_meters.push(row.meter);
                 None
             }
             Outcome::NotAttempted => None,
@@ -163,24 +190,27 @@ impl<G: PartialEq + Copy> Ledger<G> {
                 if let Some(k) = row.key {
                     self.outcomes.failed_keys.push(k);
                 }
+                let exchange = row.meter.exchange.clone();
                 self.outcomes.failures.push(Failure {
                     row_id: report.row_id,
                     kind,
                     error: error.clone(),
                     retry_after,
+                    meter: row.meter,
                 });
-                Some(error)
+                Some((error, exchange))
             }
         }
     }
 
     /// A row read from the outbox that cannot become a message: dead-lettered with `reason`.
-    pub fn unreadable(&mut self, row_id: i64, reason: String) {
+    pub fn unreadable(&mut self, row_id: i64, reason: String, exchange: Option<String>) {
         self.outcomes.failures.push(Failure {
             row_id,
             kind: FailureKind::Invalid,
             error: format!("{}: {reason}", FailureKind::Invalid.as_str()),
             retry_after: None,
+            meter: Meter { exchange, ..Meter::default() },
         });
     }
 
@@ -210,6 +240,7 @@ impl<G: PartialEq + Copy> Ledger<G> {
     pub fn restore(&mut self, mut outcomes: Outcomes) {
         let newer = std::mem::take(&mut self.outcomes);
         outcomes.confirmed.extend(newer.confirmed);
+        outcomes.confirmed_meters.extend(newer.confirmed_meters);
         outcomes.failures.extend(newer.failures);
         outcomes.failed_keys.extend(newer.failed_keys);
         self.outcomes = outcomes;
@@ -238,6 +269,11 @@ mod tests {
         }
     }
 
+    fn row(message: OutboxMessage, bytes: usize) -> ReadRow {
+        let committed_at = message.row_id * 1000;
+        ReadRow { message, bytes, committed_at }
+    }
+
     fn report(row_id: i64, outcome: Outcome) -> Report {
         Report { row_id, outcome }
     }
@@ -245,14 +281,15 @@ mod tests {
     fn take(l: &mut Ledger<u32>, r: Report) -> Option<String> {
         let policy =
             RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(10), max_attempts: 3 };
-        l.take_report(r, &policy, &mut StdRng::seed_from_u64(1), |s| s.replace("secret", "***"))
+        l.take_report(r, 99_000, &policy, &mut StdRng::seed_from_u64(1), |s| s.replace("secret", "***"))
+            .map(|(error, _exchange)| error)
     }
 
     #[test]
     fn outcomes_are_taken_once_and_restored_only_when_recording_failed() {
         let mut l = Ledger::default();
         l.for_generation(1);
-        l.hand_over(vec![(message(1, None), 10), (message(2, Some("a")), 20)], 1);
+        l.hand_over(vec![row(message(1, None), 10), row(message(2, Some("a")), 20)], 1);
         assert_eq!(take(&mut l, report(1, Outcome::Confirmed)), None);
         let error =
             take(&mut l, report(2, Outcome::Failed { kind: FailureKind::Nacked, reason: "secret".into() }));
@@ -269,15 +306,32 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_carry_the_exchange_and_times_of_their_rows() {
+        let mut l = Ledger::default();
+        l.for_generation(1);
+        let mut m = message(3, None);
+        m.exchange = Some("orders".into());
+        l.hand_over(vec![row(m, 1), row(message(4, None), 1)], 1);
+        take(&mut l, report(3, Outcome::Confirmed));
+        take(&mut l, report(4, Outcome::Failed { kind: FailureKind::Nacked, reason: "x".into() }));
+        let o = l.take_outcomes();
+        let confirmed = Meter { exchange: Some("orders".into()), committed_at: 3000, settled_at: 99_000 };
+        assert_eq!(o.confirmed_meters, vec![confirmed]);
+        assert_eq!(o.failures[0].meter, Meter { exchange: None, committed_at: 4000, settled_at: 99_000 });
+        l.restore(o.clone());
+        assert_eq!(l.take_outcomes(), o, "restored with their meters");
+    }
+
+    #[test]
     fn the_last_attempt_dead_letters() {
         let mut l = Ledger::default();
         l.for_generation(1);
         let mut m = message(5, None);
         m.attempts = 2;
-        l.hand_over(vec![(m, 1)], 1);
+        l.hand_over(vec![row(m, 1)], 1);
         take(&mut l, report(5, Outcome::Failed { kind: FailureKind::Unroutable, reason: "no route".into() }));
         assert_eq!(l.take_outcomes().failures[0].retry_after, None);
-        l.unreadable(6, "payload: not UTF-8".into());
+        l.unreadable(6, "payload: not UTF-8".into(), None);
         let failures = l.take_outcomes().failures;
         assert_eq!((failures[0].kind, failures[0].retry_after), (FailureKind::Invalid, None));
     }
@@ -286,9 +340,9 @@ mod tests {
     fn a_new_generation_forgets_everything() {
         let mut l = Ledger::default();
         assert!(!l.for_generation(1), "the first is no change");
-        l.hand_over(vec![(message(1, None), 10)], 1);
+        l.hand_over(vec![row(message(1, None), 10)], 1);
         take(&mut l, report(1, Outcome::Confirmed));
-        l.hand_over(vec![(message(2, None), 10)], 1);
+        l.hand_over(vec![row(message(2, None), 10)], 1);
         assert!(!l.for_generation(1));
         assert!(l.for_generation(2), "dropped and created again");
         assert!(!l.has_outcomes(), "a confirm of the old table's row 1 must not delete the new one's");
@@ -301,13 +355,13 @@ mod tests {
     fn suspects_go_alone_until_settled() {
         let mut l = Ledger::default();
         l.for_generation(1);
-        l.hand_over(vec![(message(1, None), 1), (message(2, None), 1)], 1);
+        l.hand_over(vec![row(message(1, None), 1), row(message(2, None), 1)], 1);
         take(&mut l, report(1, Outcome::Suspected { reason: "501".into() }));
         take(&mut l, report(2, Outcome::NotAttempted));
-        let handed = l.hand_over(vec![(message(1, None), 1), (message(2, None), 1)], 1);
+        let handed = l.hand_over(vec![row(message(1, None), 1), row(message(2, None), 1)], 1);
         assert_eq!(handed.iter().map(|h| h.alone).collect::<Vec<_>>(), vec![true, false]);
         take(&mut l, report(1, Outcome::Confirmed));
-        let handed = l.hand_over(vec![(message(1, None), 1)], 1);
+        let handed = l.hand_over(vec![row(message(1, None), 1)], 1);
         assert!(!handed[0].alone, "cleared by its confirm");
     }
 
@@ -315,9 +369,9 @@ mod tests {
     fn room_is_bounded_by_rows_and_bytes() {
         let mut l: Ledger<u32> = Ledger::default();
         assert_eq!(l.room(10, 100), (10, 100));
-        l.hand_over(vec![(message(1, None), 60)], 1);
+        l.hand_over(vec![row(message(1, None), 60)], 1);
         assert_eq!(l.room(10, 100), (9, 40));
-        l.hand_over(vec![(message(2, None), 60)], 1);
+        l.hand_over(vec![row(message(2, None), 60)], 1);
         assert_eq!(l.room(10, 100), (8, 0));
         l.all_sessions_ended();
         assert_eq!(l.room(10, 100), (10, 100));
@@ -328,7 +382,7 @@ mod tests {
     fn a_session_that_ends_alone_gives_back_only_its_rows() {
         let mut l: Ledger<u32> = Ledger::default();
         l.for_generation(1);
-        let rows: Vec<_> = (0..40).map(|i| (message(i, Some(&format!("agg-{i}"))), 10)).collect();
+        let rows: Vec<_> = (0..40).map(|i| row(message(i, Some(&format!("agg-{i}"))), 10)).collect();
         let handed = l.hand_over(rows, 4);
         let of_two: Vec<i64> =
             handed.iter().filter(|h| h.message.publisher(4) == 2).map(|h| h.message.row_id).collect();

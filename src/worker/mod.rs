@@ -21,6 +21,7 @@
 //! and the round starts over, and each change of state is logged once.
 
 mod floor;
+mod inbox;
 mod ledger;
 mod link;
 mod reconnect;

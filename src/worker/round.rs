@@ -11,7 +11,8 @@
 //! 8. [`decide_pause`]: how long until the next round.
 
 use super::floor::{self, Found, Work};
-use super::ledger::Outcomes;
+use super::inbox;
+use super::ledger::{Outcomes, ReadRow};
 use super::link::Status as LinkStatus;
 use super::state::Worker;
 use super::status::DbState;
@@ -69,9 +70,13 @@ fn run(w: &mut Worker<'_>) -> Duration {
     }
     w.last_round_light = fetched < LIGHT_ROUND_ROWS;
     hand_over(w, batch.messages);
-    if fetched == 0 && w.ledger.in_flight() == 0 {
+    w.status.in_flight(w.ledger.in_flight());
+    let idle = fetched == 0 && w.ledger.in_flight() == 0;
+    if idle {
         housekeeping(w, generation);
     }
+    // Also while busy (now and then, briefly): a worker that always publishes still cleans.
+    inbox::expire_claims(w, idle);
     decide_pause(w, read.map(|r| r.rows), fetched, batch.full, next_retry, connected)
 }
 
@@ -103,7 +108,7 @@ fn connect(w: &mut Worker<'_>) -> bool {
         }
         LinkStatus::Down(reason) => {
             if let Some(reason) = reason {
-                w.status.broker_down(&w.settings.scrub(&reason));
+                w.status.connect_failed(&w.settings.scrub(&reason));
             }
             false
         }
@@ -144,6 +149,8 @@ enum Step {
         floor: Option<Found>,
         batch: Batch,
         next_retry: Option<Duration>,
+        /// Rows waiting for a retry, when counted.
+        retrying: Option<i64>,
     },
 }
 
@@ -184,8 +191,13 @@ fn db_step(
         } else {
             durability::flush_target(&batch.xmins)
         };
-        let next_retry = if batch.full { None } else { store::next_retry_in()? };
-        Ok(Step::Done { generation, floor, batch, next_retry })
+        let (next_retry, retrying) = if batch.full {
+            (None, None)
+        } else {
+            let (next, retrying) = store::next_retry_in()?;
+            (next, Some(retrying))
+        };
+        Ok(Step::Done { generation, floor, batch, next_retry, retrying })
     }))
 }
 
@@ -226,20 +238,23 @@ fn settle_step(
             w.ledger.for_generation(generation);
             Err(Duration::ZERO)
         }
-        Ok(Step::Done { generation, floor, batch, next_retry }) => {
+        Ok(Step::Done { generation, floor, batch, next_retry, retrying }) => {
             w.ledger.for_generation(generation);
             if let Some(found) = floor {
                 w.floor.found(found, now);
             }
             w.read_limit = (w.read_limit * 2).clamp(1, w.settings.batch_size);
             w.status.db(DbState::Ready);
-            w.status.recorded(&outcomes);
+            w.status.recorded(&outcomes, &w.settings.default_exchange);
+            if let Some(retrying) = retrying {
+                w.status.retrying(retrying);
+            }
             if !outcomes.failed_keys.is_empty() {
                 w.link.send(Command::Release(outcomes.failed_keys));
             }
             let mut batch = batch;
             for (row_id, _attempts, reason) in std::mem::take(&mut batch.unreadable) {
-                w.ledger.unreadable(row_id, reason);
+                w.ledger.unreadable(row_id, reason, None);
             }
             Ok((generation, batch, next_retry))
         }
@@ -269,11 +284,12 @@ fn make_durable(w: &mut Worker<'_>, batch: &Batch) -> bool {
     durable
 }
 
-/// Step 7: Gives the batch to the session.
-fn hand_over(w: &mut Worker<'_>, rows: Vec<(pg_outbox_core::OutboxMessage, usize)>) {
+/// Step 7: Gives the batch to the session; first attempts count in the wait histogram.
+fn hand_over(w: &mut Worker<'_>, rows: Vec<ReadRow>) {
     if rows.is_empty() || !w.link.is_running() {
         return;
     }
+    w.status.waited(rows.iter().filter(|r| r.message.attempts == 0).map(|r| r.committed_at));
     let handed = w.ledger.hand_over(rows, w.link.publishers());
     w.link.send(Command::Publish(handed));
 }

@@ -17,6 +17,8 @@ pub struct Settings {
     pub nodes: Vec<BrokerUrl>,
     /// Publishers (connections) of the worker, each with up to `max_in_flight` unconfirmed.
     pub publishers: usize,
+    /// `outbox.exchange`: where rows that name no exchange go.
+    pub default_exchange: String,
     pub batch_size: usize,
     pub max_in_flight: usize,
     pub max_in_flight_bytes: usize,
@@ -24,6 +26,8 @@ pub struct Settings {
     pub retry: RetryPolicy,
     pub reconnect_backoff_max: Duration,
     pub wait_for_sync_standbys: bool,
+    /// Claims in `outbox.inbox` older than this are removed; `None`: kept forever.
+    pub inbox_retention: Option<Duration>,
 }
 
 impl Settings {
@@ -46,6 +50,7 @@ impl Settings {
             }),
             nodes,
             publishers,
+            default_exchange: gucs::exchange(),
             batch_size: gucs::batch_size(),
             max_in_flight: gucs::max_in_flight(),
             max_in_flight_bytes: gucs::max_in_flight_bytes(),
@@ -53,6 +58,7 @@ impl Settings {
             retry: gucs::retry_policy(),
             reconnect_backoff_max: gucs::reconnect_backoff_max(),
             wait_for_sync_standbys: gucs::wait_for_sync_standbys(),
+            inbox_retention: gucs::inbox_retention(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! outcomes, reloading settings, shutting down).
 
 use super::floor::Floor;
+use super::inbox::Cleanup;
 use super::ledger::Ledger;
 use super::link::Link;
 use super::settings::Settings;
@@ -43,6 +44,8 @@ pub struct Worker<'rt> {
     pub(super) last_round_light: bool,
     pub(super) last_round_at: Instant,
     pub(super) truncate_checked: Instant,
+    /// When the inbox's expired claims were last removed.
+    pub(super) inbox: Cleanup,
     leave_checked: Instant,
 }
 
@@ -61,6 +64,7 @@ impl<'rt> Worker<'rt> {
             last_round_light: false,
             last_round_at: now,
             truncate_checked: now,
+            inbox: Cleanup::default(),
             leave_checked: now,
         }
     }
@@ -113,12 +117,16 @@ impl<'rt> Worker<'rt> {
                 _ => None,
             };
             let settings = &self.settings;
-            if let Some(error) =
-                self.ledger.take_report(report, &settings.retry, &mut self.rng, |t| settings.scrub(t))
+            // SAFETY: reads the clock.
+            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            if let Some((error, exchange)) =
+                self.ledger.take_report(report, now, &settings.retry, &mut self.rng, |t| settings.scrub(t))
             {
-                self.status.failed_attempt(kind.unwrap_or("failed"), &error);
+                let exchange = exchange.as_deref().unwrap_or(&settings.default_exchange);
+                self.status.failed_attempt(kind.unwrap_or("failed"), &error, exchange);
             }
         }
+        self.status.in_flight(self.ledger.in_flight());
     }
 
     /// Whether a command needs the worker's database to itself (DROP DATABASE, say): then
@@ -191,7 +199,7 @@ impl<'rt> Worker<'rt> {
             _ => Ok(false),
         }));
         if let Ok(true) = recorded {
-            self.status.recorded(&outcomes);
+            self.status.recorded(&outcomes, &self.settings.default_exchange);
         }
     }
 }

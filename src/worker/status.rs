@@ -7,6 +7,7 @@ use super::ledger::Outcomes;
 use super::table::SCHEMA_VERSION;
 use super::txn::DbError;
 use crate::shmem;
+use pg_outbox_core::metrics::Counted;
 use pgrx::prelude::*;
 use std::collections::HashSet;
 
@@ -49,7 +50,8 @@ impl Status {
         // SAFETY: reads this process' pid.
         let pid = unsafe { pg_sys::MyProcPid };
         shmem::update_status(|s| {
-            *s = shmem::WorkerStatus::default();
+            // What was counted goes on from where the last worker of this database left it.
+            *s = s.restarted();
             s.pid = pid;
             s.database_oid = database.to_u32();
             s.started_at = now();
@@ -71,6 +73,7 @@ impl Status {
             if s.pid == pid {
                 s.pid = 0;
                 s.broker_connected = false;
+                s.metrics.in_flight = 0;
                 s.set_state("stopped");
             }
         });
@@ -92,6 +95,7 @@ impl Status {
         self.broker = BrokerState::Connected;
         shmem::set_frame_max(frame_max);
         shmem::update_status(|s| {
+            s.metrics.connections += 1;
             s.broker_connected = true;
             s.set_state("running");
         });
@@ -100,6 +104,12 @@ impl Status {
     /// New broker settings: the next failure (or success) is worth a log line again.
     pub fn broker_settings_changed(&mut self) {
         self.broker = BrokerState::Unknown;
+    }
+
+    /// An attempt to connect failed: `reason` in full (see [`Status::broker_down`]).
+    pub fn connect_failed(&mut self, reason: &str) {
+        shmem::update_status(|s| s.metrics.connect_failures += 1);
+        self.broker_down(reason);
     }
 
     /// `reason` in full (it may name the broker's address; never its password).
@@ -162,24 +172,45 @@ impl Status {
         });
     }
 
-    /// A message failed (`kind` names how, `error` says all).
-    pub fn failed_attempt(&mut self, kind: &str, error: &str) {
+    /// A message to `exchange` failed (`kind` names how, `error` says all).
+    pub fn failed_attempt(&mut self, kind: &str, error: &str, exchange: &str) {
         let at = now();
         shmem::update_status(|s| {
             s.failed_attempts_total += 1;
+            s.metrics.count(exchange, Counted::FailedAttempt, 1);
             s.set_error(error, &format!("publishing failed: {kind}"), at);
         });
     }
 
-    /// Counts what the database recorded; logs failed attempts once per distinct error, and
-    /// each dead letter.
-    pub fn recorded(&mut self, outcomes: &Outcomes) {
+    /// Events handed over and not yet settled.
+    pub fn in_flight(&mut self, n: usize) {
+        shmem::update_status(|s| s.metrics.in_flight = n as i64);
+    }
+
+    /// Rows waiting for a retry, as last counted.
+    pub fn retrying(&mut self, n: i64) {
+        shmem::update_status(|s| s.metrics.retrying = n);
+    }
+
+    /// Events handed over for the first time now, by their commit time.
+    pub fn waited(&mut self, committed: impl Iterator<Item = i64>) {
+        let at = now();
+        shmem::update_status(|s| committed.for_each(|c| s.metrics.wait.observe(at.saturating_sub(c))));
+    }
+
+    /// Counts what the database recorded (per exchange, `default_exchange` for rows that name
+    /// none); logs failed attempts once per distinct error, and each dead letter.
+    pub fn recorded(&mut self, outcomes: &Outcomes, default_exchange: &str) {
         let published = outcomes.confirmed.len();
         if published > 0 {
             let at = now();
             shmem::update_status(|s| {
                 s.published_total += published as i64;
                 s.last_publish_at = at;
+                for m in &outcomes.confirmed_meters {
+                    s.metrics.count(m.exchange.as_deref().unwrap_or(default_exchange), Counted::Published, 1);
+                    s.metrics.commit_to_confirm.observe(m.settled_at.saturating_sub(m.committed_at));
+                }
             });
         }
         if outcomes.failures.is_empty() && published > 0 {
@@ -201,7 +232,16 @@ impl Status {
             }
         }
         if dead > 0 {
-            shmem::update_status(|s| s.dead_lettered_total += dead);
+            shmem::update_status(|s| {
+                s.dead_lettered_total += dead;
+                for f in outcomes.failures.iter().filter(|f| f.retry_after.is_none()) {
+                    s.metrics.count(
+                        f.meter.exchange.as_deref().unwrap_or(default_exchange),
+                        Counted::DeadLettered,
+                        1,
+                    );
+                }
+            });
         }
     }
 

@@ -7,7 +7,7 @@
 //! aggregate that has a row waiting for a retry: an aggregate's events never overtake each
 //! other. Both checks use a small partial index that only holds retrying rows.
 
-use super::ledger::{Failure, Outcomes};
+use super::ledger::{Failure, Outcomes, ReadRow};
 use super::table::Generation;
 use super::txn::DbError;
 use crate::encoding;
@@ -25,7 +25,8 @@ use std::time::Duration;
 const SELECT_BATCH: &str = "\
 SELECT m.id, m.xmin, m.message_id::text, m.event_type, m.payload, m.aggregate_type, m.aggregate_id,
        m.headers, m.routing_key, m.exchange,
-       CASE WHEN isfinite(m.created_at) THEN extract(epoch FROM m.created_at)::int8 END, m.attempts
+       CASE WHEN isfinite(m.created_at) THEN extract(epoch FROM m.created_at)::int8 END, m.attempts,
+       m.created_at
   FROM outbox.messages m
  WHERE m.id > $2
    AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
@@ -65,9 +66,11 @@ const OUTBOX_BYTES: &str =
 const ANY_ROW: &str = "SELECT EXISTS (SELECT 1 FROM outbox.messages ORDER BY id LIMIT 1)";
 const TRUNCATE: &str = "TRUNCATE outbox.messages";
 
+// The partial index holds exactly the retrying rows: counting them is as cheap as the minimum.
 const NEXT_RETRY_IN: &str = "\
-SELECT (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::int8
-  FROM outbox.messages WHERE next_attempt_at IS NOT NULL AND isfinite(next_attempt_at)";
+SELECT (extract(epoch FROM min(next_attempt_at) FILTER (WHERE isfinite(next_attempt_at)) - now()) * 1000)::int8,
+       count(*)
+  FROM outbox.messages WHERE next_attempt_at IS NOT NULL";
 
 thread_local! {
     static PLANS: RefCell<Vec<(&'static str, OwnedPreparedStatement)>> = const { RefCell::new(Vec::new()) };
@@ -101,8 +104,8 @@ pub(super) fn run<T>(
 /// A batch as read.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// Publishable rows, in row order, with their size in bytes.
-    pub messages: Vec<(OutboxMessage, usize)>,
+    /// Publishable rows, in row order, with their size in bytes and commit time.
+    pub messages: Vec<ReadRow>,
     /// Rows that cannot become a message (their text cannot be turned into UTF-8): row id,
     /// failed attempts so far, why.
     pub unreadable: Vec<(i64, i32, String)>,
@@ -150,8 +153,13 @@ pub fn read_batch(limits: &ReadLimits<'_>) -> Result<Batch, DbError> {
                 if batch.xmins.last() != Some(&xmin) {
                     batch.xmins.push(xmin);
                 }
+                // When the row's transaction committed, else when it was inserted (see
+                // `commit_times`).
+                let committed_at = crate::commit_times::lookup(xmin)
+                    .or_else(|| t.get_datum_by_ordinal(13).ok().flatten().map(|d| d.value() as i64))
+                    .unwrap_or_default();
                 match read_message(&t, row_id, attempts) {
-                    Ok(m) => batch.messages.push((m, size)),
+                    Ok(message) => batch.messages.push(ReadRow { message, bytes: size, committed_at }),
                     Err(reason) => batch.unreadable.push((row_id, attempts, reason)),
                 }
             }
@@ -285,8 +293,14 @@ pub fn truncate_if_empty(generation: Generation, min_bytes: i64) -> Result<bool,
     })
 }
 
-/// How long until the earliest retry is due (zero if one is due now); `None` if none waits.
-pub fn next_retry_in() -> Result<Option<Duration>, DbError> {
-    let ms = Spi::connect_mut(|c| run(c, NEXT_RETRY_IN, &[], |t| Ok(t.first().get::<i64>(1)?)))?;
-    Ok(ms.map(|ms| Duration::from_millis(ms.max(0) as u64)))
+/// How long until the earliest retry is due (zero if one is due now; `None` if none waits),
+/// and how many rows wait for a retry.
+pub fn next_retry_in() -> Result<(Option<Duration>, i64), DbError> {
+    let (ms, retrying) = Spi::connect_mut(|c| {
+        run(c, NEXT_RETRY_IN, &[], |t| {
+            let row = t.first();
+            Ok((row.get::<i64>(1)?, row.get::<i64>(2)?.unwrap_or_default()))
+        })
+    })?;
+    Ok((ms.map(|ms| Duration::from_millis(ms.max(0) as u64)), retrying))
 }
