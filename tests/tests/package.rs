@@ -116,6 +116,8 @@ fn the_debian_package_installs_where_postgres_looks_and_publishes() {
     }
     assert!(expected.contains(&format!("{extdir}/pg_outbox--0.1.0--0.2.0.sql")));
     assert!(expected.contains(&format!("{extdir}/pg_outbox--0.1.0.sql")));
+    assert!(expected.contains(&format!("{extdir}/pg_outbox--0.2.0--0.3.0.sql")));
+    assert!(expected.contains(&format!("{extdir}/pg_outbox--0.2.0.sql")));
     for file in &expected {
         assert!(files.contains(file), "{file} missing from the package:\n{listing}");
     }

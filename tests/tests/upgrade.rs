@@ -20,6 +20,13 @@ const WITHIN: Duration = Duration::from_secs(90);
 /// The release 0.1.0: its commit on main.
 const RELEASE_0_1_0: &str = "7b4290a";
 
+/// The version this build installs: the extension crate's (the repository's `Cargo.toml`).
+fn current() -> String {
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let line = manifest.lines().find(|l| l.starts_with("version = ")).expect("a version in Cargo.toml");
+    line.trim_start_matches("version = ").trim_matches('"').to_string()
+}
+
 /// What the new worker logs while the extension is still at the old version.
 const WAITS_FOR_UPDATE: &str = "run ALTER EXTENSION pg_outbox UPDATE";
 
@@ -285,11 +292,13 @@ fn release_0_1_0_with_pending_events_and_dead_letters_updated_in_place_publishes
     // the broker is back.
     install.remove_extension("pg_outbox");
     install.add_extension_from("pg_outbox", &pg_config);
-    assert_eq!(
-        std::fs::read_to_string(install.share_ext.join("pg_outbox--0.1.0--0.2.0.sql")).ok(),
-        std::fs::read_to_string(repo().join("sql/pg_outbox--0.1.0--0.2.0.sql")).ok(),
-        "the installed upgrade script is not sql/pg_outbox--0.1.0--0.2.0.sql: run script/setup"
-    );
+    for script in ["pg_outbox--0.1.0--0.2.0.sql", "pg_outbox--0.2.0--0.3.0.sql"] {
+        assert_eq!(
+            std::fs::read_to_string(install.share_ext.join(script)).ok(),
+            std::fs::read_to_string(repo().join("sql").join(script)).ok(),
+            "the installed upgrade script is not sql/{script}: run script/setup"
+        );
+    }
     cluster.reconfigure_file(&[("outbox.amqp_url", BROKER_URL)]);
     let waits = cluster.log_count(WAITS_FOR_UPDATE);
     cluster.start_server();
@@ -297,7 +306,7 @@ fn release_0_1_0_with_pending_events_and_dead_letters_updated_in_place_publishes
 
     // Until the update the new worker waits, publishing nothing; the old schema, now served by
     // the new library, still answers and takes events.
-    wait_until(WITHIN, "the 0.2.0 worker to ask for the update", || {
+    wait_until(WITHIN, "the new worker to ask for the update", || {
         (cluster.log_count(WAITS_FOR_UPDATE) > waits).then_some(())
     });
     // The worker logs first, then shows its state.
@@ -311,7 +320,7 @@ fn release_0_1_0_with_pending_events_and_dead_letters_updated_in_place_publishes
     assert_eq!(consumer.count(), 1, "published before ALTER EXTENSION pg_outbox UPDATE");
 
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
-    assert_eq!(extversion(&mut db), "0.2.0");
+    assert_eq!(extversion(&mut db), current());
     cluster.wait_drained(WITHIN);
     // Everything is confirmed, so in the queue; an event published now arrives after all of it.
     let last = write_event(&mut db, &exchange, "last", 1);
@@ -363,6 +372,40 @@ fn release_0_1_0_with_pending_events_and_dead_letters_updated_in_place_publishes
     // The same extension as a fresh install, object for object.
     cluster.admin().batch_execute("CREATE DATABASE fresh").unwrap();
     cluster.connect("fresh").batch_execute("CREATE EXTENSION pg_outbox").unwrap();
-    assert_eq!(extversion(&mut cluster.connect("fresh")), "0.2.0");
+    assert_eq!(extversion(&mut cluster.connect("fresh")), current());
+    assert_same_catalog(&catalog_of(&cluster, DB), &catalog_of(&cluster, "fresh"));
+}
+
+/// 0.2.0, created from its archived install script with this build's library: the worker waits
+/// for the update; the update publishes what waited, and ends with a fresh install's schema.
+#[test]
+fn release_0_2_0_updated_in_place_publishes_what_waited_and_equals_a_fresh_install() {
+    assert_eq!(
+        std::fs::read_to_string(PgDirs::of(&pg_config()).share_ext().join("pg_outbox--0.2.0.sql")).ok(),
+        std::fs::read_to_string(repo().join("sql/archive/pg_outbox--0.2.0.sql")).ok(),
+        "the installed install script of 0.2.0 is not sql/archive/pg_outbox--0.2.0.sql: run script/setup"
+    );
+    let cluster = Cluster::start(&[]);
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    let mut db = cluster.client();
+    let waits = cluster.log_count(WAITS_FOR_UPDATE);
+    db.batch_execute("DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox VERSION '0.2.0'").unwrap();
+    assert_eq!(extversion(&mut db), "0.2.0");
+    wait_until(WITHIN, "the worker to ask for the update", || {
+        (cluster.log_count(WAITS_FOR_UPDATE) > waits).then_some(())
+    });
+    let written: Vec<String> = (1..=5).map(|seq| write_event(&mut db, &exchange, "a", seq)).collect();
+    assert_eq!(consumer.count(), 0, "nothing published before the update");
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
+    assert_eq!(extversion(&mut db), current());
+    let got = consumer.wait_for(5, WITHIN);
+    let ids: Vec<&str> = got.iter().map(|d| d.message_id.as_deref().unwrap()).collect();
+    assert_eq!(ids, written.iter().map(String::as_str).collect::<Vec<_>>(), "once each, in order");
+    // What 0.3.0 added works after the update.
+    db.query_one("SELECT outbox.metrics_text(), outbox.inbox_claim(gen_random_uuid())", &[]).unwrap();
+    cluster.admin().batch_execute("CREATE DATABASE fresh").unwrap();
+    cluster.connect("fresh").batch_execute("CREATE EXTENSION pg_outbox").unwrap();
     assert_same_catalog(&catalog_of(&cluster, DB), &catalog_of(&cluster, "fresh"));
 }
