@@ -3,9 +3,12 @@
 //! running RabbitMQ). `script/bench --quick` runs smaller sizes.
 
 mod burst;
+mod capture;
 mod cpu;
+mod inbox;
 mod latency;
 mod naive;
+mod observability;
 mod publishers;
 mod raw;
 mod relay;
@@ -64,7 +67,7 @@ fn table(rows: &[Row]) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick { relay::Sizes::quick() } else { relay::Sizes::full() };
-    // `--only relay,burst,latency,write,naive,tls,publishers` runs some parts.
+    // `--only relay,burst,latency,write,naive,tls,capture,headers,metrics,publishers,inbox` runs some parts.
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
     let run = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p == part));
     let (seconds, write_seconds) = if quick { (5, 5) } else { (20, 20) };
@@ -92,8 +95,20 @@ fn main() {
     if run("tls") {
         rows.extend(tls::tls(if quick { 20_000 } else { 100_000 }));
     }
+    if run("capture") {
+        rows.extend(capture::capture(if quick { 20_000 } else { 100_000 }));
+    }
+    if run("headers") {
+        rows.extend(observability::ambient_headers(if quick { 5 } else { 10 }));
+    }
+    if run("metrics") {
+        rows.extend(observability::metrics_reads(if quick { 100_000 } else { 1_000_000 }));
+    }
     if run("publishers") {
         rows.extend(publishers::publishers(if quick { 50_000 } else { 200_000 }));
+    }
+    if run("inbox") {
+        rows.extend(inbox::inbox(if quick { 3 } else { 6 }));
     }
     progress(&format!("done in {:.0?}", started.elapsed()));
     println!("\n{}", table(&rows));

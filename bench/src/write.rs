@@ -27,7 +27,14 @@ fn payload() -> &'static str {
 
 /// Runs pgbench with `script` and returns transactions per second. `options` go to the
 /// sessions (PGOPTIONS).
-fn pgbench(cluster: &Cluster, name: &str, script: &str, clients: u32, seconds: u32, options: &str) -> f64 {
+pub(crate) fn pgbench(
+    cluster: &Cluster,
+    name: &str,
+    script: &str,
+    clients: u32,
+    seconds: u32,
+    options: &str,
+) -> f64 {
     let path = cluster.dir.join(format!("{name}.sql"));
     std::fs::write(&path, script).unwrap();
     let out = Command::new(pg_bin().join("pgbench"))
