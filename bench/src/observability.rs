@@ -56,48 +56,46 @@ pub fn ambient_headers(seconds: u32) -> Vec<Row> {
         ("session", transfer("", "", &exchange), session),
     ];
     // The relay is paused (as in the write benchmark): what is measured is the writer's cost.
+    // Twice: with synchronous commits (the disk's flush sets the pace, as usually) and without
+    // (the CPU does, so each variant's own work shows).
     cluster.cut_off_broker();
-    let mut runs = Vec::new();
-    for round in 1..=ROUNDS {
-        let mut tps = Vec::new();
-        for (name, script, options) in &variants {
-            for sql in ["TRUNCATE outbox.messages", "VACUUM ANALYZE accounts", "CHECKPOINT"] {
-                db.batch_execute(sql).unwrap();
+    let mut rows = Vec::new();
+    for (mode, commit) in
+        [("synchronous commit", ""), ("synchronous_commit off", "-c synchronous_commit=off")]
+    {
+        let mut runs = Vec::new();
+        for round in 1..=ROUNDS {
+            let mut tps = Vec::new();
+            for (name, script, options) in &variants {
+                for sql in ["TRUNCATE outbox.messages", "VACUUM ANALYZE accounts", "CHECKPOINT"] {
+                    db.batch_execute(sql).unwrap();
+                }
+                let t = pgbench(&cluster, name, script, CLIENTS, seconds, &format!("{commit} {options}"));
+                progress(&format!(
+                    "headers, {mode}, round {round}, {name}: {t:.0} tps ({CLIENTS} clients, {seconds} s)"
+                ));
+                tps.push(t);
             }
-            let t = pgbench(&cluster, name, script, CLIENTS, seconds, options);
-            progress(&format!("headers, round {round}, {name}: {t:.0} tps ({CLIENTS} clients, {seconds} s)"));
-            tps.push(t);
+            runs.push(tps);
         }
-        runs.push(tps);
+        let mean = |i: usize| runs.iter().map(|r| r[i]).sum::<f64>() / runs.len() as f64;
+        for (i, what) in [
+            (1, "SET LOCAL outbox.headers (trace context, 3 headers) in each transaction"),
+            (3, "the same headers set once per session (outbox.headers in PGOPTIONS)"),
+            (2, "the same headers as the event's own argument"),
+        ] {
+            rows.push(Row {
+                figure: format!("write ({mode}): transfer + event with {what} vs no headers"),
+                value: format!("{:.0} tps", mean(i)),
+                baseline: format!("{:.0} tps", mean(0)),
+                ratio: Some(median_ratio(&runs, i)),
+                target: "".into(),
+                met: None,
+            });
+        }
     }
     broker.delete_exchange(&exchange);
-    let mean = |i: usize| runs.iter().map(|r| r[i]).sum::<f64>() / runs.len() as f64;
-    vec![
-        Row {
-            figure: "write: transfer + event with SET LOCAL outbox.headers (trace context, 3 headers) vs no headers".into(),
-            value: format!("{:.0} tps", mean(1)),
-            baseline: format!("{:.0} tps", mean(0)),
-            ratio: Some(median_ratio(&runs, 1)),
-            target: "".into(),
-            met: None,
-        },
-        Row {
-            figure: "write: the same headers set once per session (outbox.headers in PGOPTIONS) vs no headers".into(),
-            value: format!("{:.0} tps", mean(3)),
-            baseline: format!("{:.0} tps", mean(0)),
-            ratio: Some(median_ratio(&runs, 3)),
-            target: "".into(),
-            met: None,
-        },
-        Row {
-            figure: "write: the same headers as the event's own argument vs no headers".into(),
-            value: format!("{:.0} tps", mean(2)),
-            baseline: format!("{:.0} tps", mean(0)),
-            ratio: Some(median_ratio(&runs, 2)),
-            target: "".into(),
-            met: None,
-        },
-    ]
+    rows
 }
 
 /// Mean time of one execution of `sql`, over `n` executions after one warm-up.
