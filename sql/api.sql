@@ -103,7 +103,7 @@ REVOKE EXECUTE ON FUNCTION outbox.purge_dead_letters(bigint[], interval) FROM PU
 CREATE VIEW outbox.stats AS
 SELECT pg_stat_get_live_tuples('outbox.messages'::regclass)                       AS pending,
        (SELECT now() - m.created_at FROM outbox.messages m ORDER BY m.id LIMIT 1) AS oldest_pending_age,
-       (SELECT r.value::bigint FROM outbox.worker_metrics() r WHERE r.name = 'outbox_retrying') AS retrying,
+       outbox.worker_retrying()                                                    AS retrying,
        pg_stat_get_live_tuples('outbox.dead_letters'::regclass)                   AS dead_letters,
        w.published_total,
        w.failed_attempts_total,

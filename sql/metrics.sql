@@ -53,6 +53,8 @@ $$;
 -- its owner's rights, so it is not for everyone.
 REVOKE ALL ON outbox.metrics FROM PUBLIC;
 GRANT SELECT ON outbox.metrics TO pg_monitor;
+REVOKE EXECUTE ON FUNCTION outbox.worker_metrics() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.worker_metrics() TO pg_monitor;
 REVOKE EXECUTE ON FUNCTION outbox.metrics_text() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.metrics_text() TO pg_monitor;
 REVOKE EXECUTE ON FUNCTION outbox.exact_counts() FROM PUBLIC;

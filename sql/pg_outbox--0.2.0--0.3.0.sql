@@ -24,11 +24,16 @@ STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'worker_metrics_wrapper';
 
+CREATE FUNCTION outbox."worker_retrying"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'worker_retrying_wrapper';
+
 -- outbox.stats reads estimates instead of counting (same columns).
 CREATE OR REPLACE VIEW outbox.stats AS
 SELECT pg_stat_get_live_tuples('outbox.messages'::regclass)                       AS pending,
        (SELECT now() - m.created_at FROM outbox.messages m ORDER BY m.id LIMIT 1) AS oldest_pending_age,
-       (SELECT r.value::bigint FROM outbox.worker_metrics() r WHERE r.name = 'outbox_retrying') AS retrying,
+       outbox.worker_retrying()                                                    AS retrying,
        pg_stat_get_live_tuples('outbox.dead_letters'::regclass)                   AS dead_letters,
        w.published_total,
        w.failed_attempts_total,
@@ -98,6 +103,8 @@ $$;
 -- its owner's rights, so it is not for everyone.
 REVOKE ALL ON outbox.metrics FROM PUBLIC;
 GRANT SELECT ON outbox.metrics TO pg_monitor;
+REVOKE EXECUTE ON FUNCTION outbox.worker_metrics() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.worker_metrics() TO pg_monitor;
 REVOKE EXECUTE ON FUNCTION outbox.metrics_text() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.metrics_text() TO pg_monitor;
 REVOKE EXECUTE ON FUNCTION outbox.exact_counts() FROM PUBLIC;

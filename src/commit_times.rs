@@ -51,16 +51,31 @@ fn slot(xid: u32) -> &'static Slot {
     &TIMES.get().0[xid as usize % SLOTS]
 }
 
-/// From the commit callback: if this transaction wrote events, note when it committed.
-pub fn committed() {
-    if !shmem::available() || !wake::wrote_event() {
-        return;
+/// From the pre-commit callback: if this transaction wrote events, note the time now. Its
+/// rows may become visible to the worker before [`committed`] runs (after the commit is in the
+/// proc array), so an approximation is there first: a little early, by the commit record's
+/// write and flush.
+pub fn committing() {
+    if shmem::available() && wake::wrote_event() {
+        // SAFETY: reads the clock; never raises.
+        note(unsafe { pg_sys::GetCurrentTimestamp() });
     }
-    // SAFETY: reads the committing transaction's id (still set in its commit callback) and
-    // the timestamp of its commit record; neither raises.
-    let (xid, at) =
-        unsafe { (pg_sys::GetTopTransactionIdIfAny(), pg_sys::GetCurrentTransactionStopTimestamp()) };
-    let xid = xid.into_inner();
+}
+
+/// From the commit callback: if this transaction wrote events, note when it committed (the
+/// timestamp of its commit record).
+pub fn committed() {
+    if shmem::available() && wake::wrote_event() {
+        // SAFETY: the committing transaction's stop timestamp, set when its commit record was
+        // written; never raises in the commit callback.
+        note(unsafe { pg_sys::GetCurrentTransactionStopTimestamp() });
+    }
+}
+
+fn note(at: i64) {
+    // SAFETY: reads the committing transaction's id (still set in its commit callbacks);
+    // never raises.
+    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
     if xid == 0 {
         return;
     }

@@ -39,10 +39,14 @@ pgrx::extension_sql_file!(
         status::worker_status,
         status::worker_available,
         status::wake_worker_at_commit,
-        metrics::worker_metrics
+        metrics::worker_retrying
     ]
 );
-pgrx::extension_sql_file!("../sql/metrics.sql", name = "metrics", requires = ["api", metrics::metrics_text]);
+pgrx::extension_sql_file!(
+    "../sql/metrics.sql",
+    name = "metrics",
+    requires = ["api", metrics::metrics_text, metrics::worker_metrics]
+);
 pgrx::extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["api"]);
 pgrx::extension_sql_file!("../sql/inbox.sql", name = "inbox", requires = ["api"]);
 

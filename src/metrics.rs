@@ -138,6 +138,13 @@ fn worker_metrics() -> TableIterator<
     TableIterator::new(samples(&status, &gucs::exchange()))
 }
 
+/// Events waiting for a retry, as the worker of the caller's database last counted them: what
+/// `outbox.stats` shows everyone (the other samples are for monitoring roles).
+#[pg_extern(volatile, parallel_safe)]
+fn worker_retrying() -> i64 {
+    shmem::status().map(|s| s.metrics.retrying).unwrap_or_default()
+}
+
 /// `outbox.metrics` in the Prometheus text exposition format (version 0.0.4), for a scraper
 /// that runs SQL or a file collector.
 #[pg_extern(volatile)]

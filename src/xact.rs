@@ -48,7 +48,10 @@ pub fn init() {
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT if wake::wrote_event() => durability::commit_starting(),
+        XACT_EVENT_PRE_COMMIT if wake::wrote_event() => {
+            durability::commit_starting();
+            commit_times::committing();
+        }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             durability::commit_ended(true);
             aggregate_lock::transaction_ended();

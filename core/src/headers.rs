@@ -26,6 +26,8 @@ pub enum HeaderError {
     Json(String),
     #[error("header {0:?} is the event's own (from its argument); outbox.headers may not set it")]
     Reserved(&'static str),
+    #[error("header {0:?} tells RabbitMQ where else to route the message; outbox.headers may not set it")]
+    Routing(&'static str),
 }
 
 pub fn json_kind(v: &Value) -> &'static str {
@@ -77,6 +79,9 @@ pub fn build(
     Ok(built)
 }
 
+/// Headers with which RabbitMQ routes a copy of the message to further routing keys.
+const SENDER_SELECTED: [&str; 2] = ["CC", "BCC"];
+
 /// Checks a value of `outbox.headers`, the headers added to every event a transaction writes
 /// (empty: none). The same rules as an event's own headers, and it may not name the headers
 /// that carry the event's aggregate.
@@ -91,6 +96,14 @@ pub fn check_ambient(text: &str) -> Result<(), HeaderError> {
     for name in [AGGREGATE_TYPE_HEADER, AGGREGATE_ID_HEADER] {
         if map.contains_key(name) {
             return Err(HeaderError::Reserved(name));
+        }
+    }
+    // RabbitMQ's sender-selected distribution: these copy the message to further routing
+    // keys. The session that sets outbox.headers is not always the one that chose where an
+    // event goes (a captured table's owner did, for its writers' changes).
+    for name in SENDER_SELECTED {
+        if map.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+            return Err(HeaderError::Routing(name));
         }
     }
     object_to_table(&map).map(drop)
@@ -228,6 +241,8 @@ mod tests {
         assert!(matches!(check_ambient("{"), Err(HeaderError::Json(_))));
         assert_eq!(check_ambient(r#"{"aggregate_id":"1"}"#), Err(HeaderError::Reserved("aggregate_id")));
         assert_eq!(check_ambient(r#"{"aggregate_type":"a"}"#), Err(HeaderError::Reserved("aggregate_type")));
+        assert_eq!(check_ambient(r#"{"BCC":["elsewhere"]}"#), Err(HeaderError::Routing("BCC")));
+        assert_eq!(check_ambient(r#"{"cc":"elsewhere"}"#), Err(HeaderError::Routing("CC")));
         assert!(matches!(
             check_ambient(r#"{"n":18446744073709551615}"#),
             Err(HeaderError::NumberOutOfRange { .. })

@@ -41,6 +41,9 @@ deleted AS (
     RETURNING 1)
 SELECT count(*) FROM deleted";
 
+/// For the clean-up's transaction only.
+const SHORT_LOCK_TIMEOUT: &str = "SELECT pg_catalog.set_config('lock_timeout', '100ms', true)";
+
 /// When the inbox was last cleaned, and whether that clean-up left expired claims behind.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cleanup {
@@ -85,8 +88,9 @@ impl Cleanup {
         }
     }
 
-    fn ended(&mut self, started: Instant, ended: Ended) {
-        self.last = Some(started);
+    /// A clean-up ended at `at`: the next interval counts from there.
+    fn ended(&mut self, at: Instant, ended: Ended) {
+        self.last = Some(at);
         self.behind = ended == Ended::OutOfBudget;
     }
 }
@@ -117,7 +121,7 @@ pub fn expire_claims(w: &mut Worker<'_>, idle: bool) {
             }
         }
     };
-    w.inbox.ended(started, ended);
+    w.inbox.ended(Instant::now(), ended);
     if total > 0 {
         pgrx::debug1!("pg_outbox: removed {total} expired claims from outbox.inbox");
     }
@@ -137,6 +141,10 @@ fn delete_batch(retention: Duration) -> Result<Option<i64>, DbError> {
     }
     let seconds = retention.as_secs_f64();
     let deleted = Spi::connect_mut(|c| {
+        // A claim someone holds (an operator deleting it to reprocess a message, in an open
+        // transaction) must not hold up the round for the session's lock_timeout: this batch
+        // gives up soon, and the next clean-up comes an interval later.
+        run(c, SHORT_LOCK_TIMEOUT, &[], |_| Ok(()))?;
         run(c, DELETE_EXPIRED, &[seconds.into(), BATCH.into()], |t| Ok(t.first().get::<i64>(1)?))
     })?;
     Ok(Some(deleted.unwrap_or(0)))

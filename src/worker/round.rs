@@ -25,6 +25,8 @@ use pg_outbox_core::outcome::Command;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+/// The exchange label of dead letters from rows that cannot be read.
+const UNREADABLE: &str = "(unreadable)";
 /// Wait after a round that failed (or panicked) before the next.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// An empty outbox whose files are larger than this is truncated.
@@ -254,7 +256,8 @@ fn settle_step(
             }
             let mut batch = batch;
             for (row_id, _attempts, reason) in std::mem::take(&mut batch.unreadable) {
-                w.ledger.unreadable(row_id, reason, None);
+                // Its exchange may be what cannot be read: counted under a label of its own.
+                w.ledger.unreadable(row_id, reason, Some(UNREADABLE.into()));
             }
             Ok((generation, batch, next_retry))
         }
