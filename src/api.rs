@@ -228,7 +228,17 @@ fn raise(e: InvalidEvent) -> ! {
 
 /// Raises an ERROR with a SQLSTATE and, where the user can act, a hint.
 fn raise_with_hint(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
-    let report = pgrx::pg_sys::panic::ErrorReport::new(code, message, "outbox.publish");
+    raise_in("outbox.publish", code, message, hint)
+}
+
+/// Raises an ERROR from `function` with a SQLSTATE and, where the user can act, a hint.
+pub(crate) fn raise_in(
+    function: &'static str,
+    code: PgSqlErrorCode,
+    message: String,
+    hint: Option<&str>,
+) -> ! {
+    let report = pgrx::pg_sys::panic::ErrorReport::new(code, message, function);
     match hint {
         Some(hint) => report.set_hint(hint).report(PgLogLevel::ERROR),
         None => report.report(PgLogLevel::ERROR),

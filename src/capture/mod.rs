@@ -300,10 +300,5 @@ fn relation_name(td: &pg_sys::TriggerData) -> String {
 }
 
 fn raise(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
-    let report = pgrx::pg_sys::panic::ErrorReport::new(code, message, "outbox.capture_row");
-    match hint {
-        Some(hint) => report.set_hint(hint).report(PgLogLevel::ERROR),
-        None => report.report(PgLogLevel::ERROR),
-    }
-    unreachable!("an ERROR does not return")
+    crate::api::raise_in("outbox.capture_row", code, message, hint)
 }
