@@ -14,6 +14,7 @@ pub mod ordering;
 pub mod outcome;
 pub mod publisher;
 pub mod retry;
+pub mod stream;
 pub mod tls;
 pub mod validate;
 

@@ -104,6 +104,9 @@ pub fn check_event(args: &EventArgs<'_>, limits: &Limits<'_>) -> Result<(), Inva
     }
     if let Some(ex) = args.exchange {
         check_short_str("exchange", ex)?;
+        if ex == "stream:" {
+            return Err(InvalidEvent::Empty("the stream's name in exchange stream:<name>"));
+        }
         if !limits.exchanges.allows(ex) {
             return Err(InvalidEvent::ExchangeNotAllowed(ex.to_string()));
         }
