@@ -49,6 +49,7 @@ pgrx::extension_sql_file!(
 );
 pgrx::extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["api"]);
 pgrx::extension_sql_file!("../sql/inbox.sql", name = "inbox", requires = ["api"]);
+pgrx::extension_sql_file!("../sql/stream.sql", name = "stream", requires = ["inbox", "capture", "metrics"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -292,7 +292,9 @@ fn release_0_1_0_with_pending_events_and_dead_letters_updated_in_place_publishes
     // the broker is back.
     install.remove_extension("pg_outbox");
     install.add_extension_from("pg_outbox", &pg_config);
-    for script in ["pg_outbox--0.1.0--0.2.0.sql", "pg_outbox--0.2.0--0.3.0.sql"] {
+    for script in
+        ["pg_outbox--0.1.0--0.2.0.sql", "pg_outbox--0.2.0--0.3.0.sql", "pg_outbox--0.3.0--0.4.0.sql"]
+    {
         assert_eq!(
             std::fs::read_to_string(install.share_ext.join(script)).ok(),
             std::fs::read_to_string(repo().join("sql").join(script)).ok(),
@@ -376,14 +378,13 @@ fn release_0_1_0_with_pending_events_and_dead_letters_updated_in_place_publishes
     assert_same_catalog(&catalog_of(&cluster, DB), &catalog_of(&cluster, "fresh"));
 }
 
-/// 0.2.0, created from its archived install script with this build's library: the worker waits
+/// An archived release, created from its install script with this build's library: the worker waits
 /// for the update; the update publishes what waited, and ends with a fresh install's schema.
-#[test]
-fn release_0_2_0_updated_in_place_publishes_what_waited_and_equals_a_fresh_install() {
+fn archived_release_updated_in_place(version: &str) {
     assert_eq!(
-        std::fs::read_to_string(PgDirs::of(&pg_config()).share_ext().join("pg_outbox--0.2.0.sql")).ok(),
-        std::fs::read_to_string(repo().join("sql/archive/pg_outbox--0.2.0.sql")).ok(),
-        "the installed install script of 0.2.0 is not sql/archive/pg_outbox--0.2.0.sql: run script/setup"
+        std::fs::read_to_string(PgDirs::of(&pg_config()).share_ext().join(format!("pg_outbox--{version}.sql"))).ok(),
+        std::fs::read_to_string(repo().join(format!("sql/archive/pg_outbox--{version}.sql"))).ok(),
+        "the installed install script of {version} is not sql/archive/pg_outbox--{version}.sql: run script/setup"
     );
     let cluster = Cluster::start(&[]);
     let broker = Broker::connect();
@@ -391,8 +392,9 @@ fn release_0_2_0_updated_in_place_publishes_what_waited_and_equals_a_fresh_insta
     let consumer = broker.consume(&exchange, "#");
     let mut db = cluster.client();
     let waits = cluster.log_count(WAITS_FOR_UPDATE);
-    db.batch_execute("DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox VERSION '0.2.0'").unwrap();
-    assert_eq!(extversion(&mut db), "0.2.0");
+    db.batch_execute(&format!("DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox VERSION '{version}'"))
+        .unwrap();
+    assert_eq!(extversion(&mut db), version);
     wait_until(WITHIN, "the worker to ask for the update", || {
         (cluster.log_count(WAITS_FOR_UPDATE) > waits).then_some(())
     });
@@ -403,9 +405,20 @@ fn release_0_2_0_updated_in_place_publishes_what_waited_and_equals_a_fresh_insta
     let got = consumer.wait_for(5, WITHIN);
     let ids: Vec<&str> = got.iter().map(|d| d.message_id.as_deref().unwrap()).collect();
     assert_eq!(ids, written.iter().map(String::as_str).collect::<Vec<_>>(), "once each, in order");
-    // What 0.3.0 added works after the update.
+    // What 0.3.0 and 0.4.0 added works after the update.
     db.query_one("SELECT outbox.metrics_text(), outbox.inbox_claim(gen_random_uuid())", &[]).unwrap();
+    db.query_one("SELECT count(stream_seq) FROM outbox.messages, outbox.stream_producers", &[]).unwrap();
     cluster.admin().batch_execute("CREATE DATABASE fresh").unwrap();
     cluster.connect("fresh").batch_execute("CREATE EXTENSION pg_outbox").unwrap();
     assert_same_catalog(&catalog_of(&cluster, DB), &catalog_of(&cluster, "fresh"));
+}
+
+#[test]
+fn release_0_2_0_updated_in_place_publishes_what_waited_and_equals_a_fresh_install() {
+    archived_release_updated_in_place("0.2.0");
+}
+
+#[test]
+fn release_0_3_0_updated_in_place_publishes_what_waited_and_equals_a_fresh_install() {
+    archived_release_updated_in_place("0.3.0");
 }
