@@ -35,7 +35,7 @@ thread_local! {
 ///
 /// # Safety
 /// Only from a GUC check hook.
-unsafe fn reject(message: String, hint: Option<&str>) -> bool {
+pub(super) unsafe fn reject(message: String, hint: Option<&str>) -> bool {
     let message = CString::new(message).unwrap_or_default();
     // SAFETY: a check hook may set these; Postgres copies nothing until the hook returns, and
     // the strings are palloc'd in the current (GUC check) context.
@@ -55,7 +55,7 @@ unsafe fn reject(message: String, hint: Option<&str>) -> bool {
 ///
 /// # Safety
 /// `s` is a NUL-terminated string.
-unsafe fn guc_strdup(s: *const c_char) -> *mut c_char {
+pub(super) unsafe fn guc_strdup(s: *const c_char) -> *mut c_char {
     #[cfg(feature = "pg15")]
     // SAFETY: as the caller promises; Postgres 15 frees GUC strings with free().
     return unsafe { libc::strdup(s) };
@@ -69,7 +69,7 @@ unsafe fn guc_strdup(s: *const c_char) -> *mut c_char {
 ///
 /// # Safety
 /// `p` came from Postgres' GUC allocator (or [`guc_strdup`]) and is not used afterwards.
-unsafe fn guc_free(p: *mut c_void) {
+pub(super) unsafe fn guc_free(p: *mut c_void) {
     #[cfg(feature = "pg15")]
     // SAFETY: as the caller promises.
     unsafe {
@@ -93,27 +93,49 @@ pub(super) unsafe extern "C-unwind" fn check_amqp_url(
         if newval.is_null() || (*newval).is_null() {
             return reject("outbox.amqp_url must be set".into(), None);
         }
+        check_masked(
+            newval,
+            extra,
+            "outbox.amqp_url",
+            CURRENT_URL_RAW.with(|r| r.borrow().clone()),
+            |text| parse_nodes(text).map(|_| ()).map_err(|e| e.to_string()),
+            "Write it as amqp://user:password@host:port/vhost (amqps:// for TLS), the vhost / as %2F; the nodes of one cluster separated by commas.",
+        )
+    }
+}
+
+/// Checks a secret setting's new value with `parse`, and hands Postgres [`URL_MASK`] to keep
+/// instead, the value itself going to "extra" (see the module documentation); the mask itself
+/// (Postgres re-applying the stored value) restores `current`.
+///
+/// # Safety
+/// Only from a GUC check hook, with its `newval` (not null) and `extra`.
+pub(super) unsafe fn check_masked(
+    newval: *mut *mut c_char,
+    extra: *mut *mut c_void,
+    name: &str,
+    current: Option<CString>,
+    parse: impl FnOnce(&str) -> Result<(), String>,
+    hint: &str,
+) -> bool {
+    // SAFETY: as the caller promises; the strings are NUL-terminated.
+    unsafe {
         let raw = CStr::from_ptr(*newval);
         if raw == URL_MASK {
-            // Re-applying the stored (masked) value, e.g. on RESET: keep the current URL.
-            let current = CURRENT_URL_RAW.with(|r| r.borrow().clone());
             return match current {
                 Some(current) => {
                     *extra = guc_strdup(current.as_ptr()).cast();
                     !(*extra).is_null()
                 }
-                None => reject("outbox.amqp_url has no value to restore".into(), None),
+                None => reject(format!("{name} has no value to restore"), None),
             };
         }
         let text = match raw.to_str() {
             Ok(t) => t,
-            Err(_) => return reject("outbox.amqp_url is not valid UTF-8".into(), None),
+            Err(_) => return reject(format!("{name} is not valid UTF-8"), None),
         };
-        if let Err(e) = parse_nodes(text) {
-            return reject(
-                format!("invalid value for parameter \"outbox.amqp_url\": {e}"),
-                Some("Write it as amqp://user:password@host:port/vhost (amqps:// for TLS), the vhost / as %2F; the nodes of one cluster separated by commas."),
-            );
+        if let Err(e) = parse(text) {
+            return reject(format!("invalid value for parameter \"{name}\": {e}"), Some(hint));
         }
         *extra = guc_strdup(*newval).cast();
         guc_free((*newval).cast());

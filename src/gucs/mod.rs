@@ -3,6 +3,8 @@
 //! snapshot (`worker::settings`); `outbox.publish` reads the few it needs per call.
 
 mod hooks;
+mod stream_url;
+pub use stream_url::stream_url;
 
 use pg_outbox_core::retry::RetryPolicy;
 use pg_outbox_core::tls::TlsFiles;
@@ -303,6 +305,7 @@ pub fn init() {
         i32::MAX,
         GucFlags::UNIT_S,
     );
+    stream_url::define();
     // SAFETY: called once, from `_PG_init`, after the settings above are defined.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"outbox".as_ptr()) };
 }
@@ -314,17 +317,14 @@ fn string(setting: &GucSetting<Option<CString>>) -> String {
 fn ms(setting: &GucSetting<i32>) -> Duration {
     Duration::from_millis(setting.get().max(0) as u64)
 }
-
 /// `outbox.headers` as set (in the database's encoding), unless empty.
 pub fn ambient_headers() -> Option<CString> {
     HEADERS.get().filter(|h| !h.to_bytes().iter().all(u8::is_ascii_whitespace))
 }
-
 /// `outbox.inbox_retention`; `None`: claims are kept forever.
 pub fn inbox_retention() -> Option<Duration> {
     Some(INBOX_RETENTION_S.get()).filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64))
 }
-
 /// The broker's nodes, in the order they are tried; empty while none is set.
 pub fn amqp_nodes() -> Vec<BrokerUrl> {
     hooks::CURRENT_URL.with(|u| u.borrow().clone())

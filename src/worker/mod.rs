@@ -31,6 +31,7 @@ mod settings;
 mod state;
 mod status;
 mod store;
+mod stream;
 mod table;
 mod txn;
 

@@ -8,7 +8,8 @@
 //! 5. [`settle_step`]: apply what the transaction found;
 //! 6. [`make_durable`]: make the batch's transactions durable;
 //! 7. [`hand_over`]: hand the batch to the session;
-//! 8. [`decide_pause`]: how long until the next round.
+//! 8. [`stream::round`]: the same for events bound for streams, in a transaction of its own;
+//! 9. [`decide_pause`]: how long until the next round.
 
 use super::floor::{self, Found, Work};
 use super::inbox;
@@ -17,6 +18,7 @@ use super::link::Status as LinkStatus;
 use super::state::Worker;
 use super::status::DbState;
 use super::store::{self, Batch, ReadLimits};
+use super::stream;
 use super::table::{self, Generation, Table};
 use super::txn::{self, DbError};
 use crate::durability;
@@ -72,13 +74,17 @@ fn run(w: &mut Worker<'_>) -> Duration {
     }
     w.last_round_light = fetched < LIGHT_ROUND_ROWS;
     hand_over(w, batch.messages);
-    w.status.in_flight(w.ledger.in_flight());
-    let idle = fetched == 0 && w.ledger.in_flight() == 0;
+    let streamed = stream::round(w);
+    w.status.in_flight(w.ledger.in_flight() + w.streams.in_flight());
+    let idle = fetched == 0 && w.ledger.in_flight() == 0 && w.streams.in_flight() == 0;
     if idle {
         housekeeping(w, generation);
     }
     // Also while busy (now and then, briefly): a worker that always publishes still cleans.
     inbox::expire_claims(w, idle);
+    if streamed {
+        return Duration::ZERO;
+    }
     decide_pause(w, read.map(|r| r.rows), fetched, batch.full, next_retry, connected)
 }
 
@@ -131,13 +137,13 @@ fn plan_read(w: &mut Worker<'_>, connected: bool) -> Option<Read> {
     // Each publisher may have `max_in_flight` unconfirmed; a batch more waits behind them.
     let (rows, bytes) = w.ledger.room(s.max_in_flight * s.publishers + s.batch_size, s.max_in_flight_bytes);
     let read = connected && rows >= s.batch_size.min(MIN_READ) && bytes > 0;
-    if read {
+    // The stream path reads in the same round, after this: armed for it too.
+    if read || s.stream.is_some() {
         wake::arm();
-        Some(Read { rows: rows.min(w.read_limit).max(1), bytes })
     } else {
         wake::disarm();
-        None
     }
+    read.then(|| Read { rows: rows.min(w.read_limit).max(1), bytes })
 }
 
 /// What the round's transaction found.
@@ -167,6 +173,7 @@ fn db_step(
     let expected = ledger.generation();
     let floor_value = w.floor.value();
     let wait_for_standbys = w.settings.wait_for_sync_standbys;
+    let default_exchange = w.settings.default_exchange.clone();
     txn::in_transaction(AssertUnwindSafe(|| {
         let generation = match table::table()? {
             Table::Ready(g) => g,
@@ -184,6 +191,7 @@ fn db_step(
                 floor: floor_value,
                 skip: ledger.in_flight(),
                 handed_over: &|id| ledger.is_handed_over(id),
+                default_exchange: &default_exchange,
             })?,
             None => Batch::default(),
         };
@@ -268,6 +276,7 @@ fn settle_step(
 fn forget(w: &mut Worker<'_>, now: Instant) {
     w.ledger.clear();
     w.link.abandon_session(&mut w.rng);
+    w.streams.abandon();
     w.floor.reset(now);
 }
 
@@ -310,7 +319,7 @@ fn housekeeping(w: &mut Worker<'_>, generation: Generation) {
     }
 }
 
-/// Step 8: How long to pause before the next round.
+/// Step 9: How long to pause before the next round.
 fn decide_pause(
     w: &Worker<'_>,
     limit: Option<usize>,

@@ -4,6 +4,7 @@ use crate::gucs;
 use pg_outbox_core::broker_url::scrub_nodes;
 use pg_outbox_core::publisher::PublisherConfig;
 use pg_outbox_core::retry::RetryPolicy;
+use pg_outbox_core::stream::StreamUrl;
 use pg_outbox_core::BrokerUrl;
 use pgrx::pg_sys;
 use std::time::Duration;
@@ -28,6 +29,9 @@ pub struct Settings {
     pub wait_for_sync_standbys: bool,
     /// Claims in `outbox.inbox` older than this are removed; `None`: kept forever.
     pub inbox_retention: Option<Duration>,
+    /// `outbox.stream_url`; `None`: events for streams wait.
+    pub stream: Option<StreamUrl>,
+    pub confirm_timeout: Duration,
 }
 
 impl Settings {
@@ -59,11 +63,17 @@ impl Settings {
             reconnect_backoff_max: gucs::reconnect_backoff_max(),
             wait_for_sync_standbys: gucs::wait_for_sync_standbys(),
             inbox_retention: gucs::inbox_retention(),
+            stream: gucs::stream_url(),
+            confirm_timeout: gucs::confirm_timeout(),
         }
     }
 
     /// Removes the broker's password from a text that may have picked it up.
     pub fn scrub(&self, text: &str) -> String {
-        scrub_nodes(&self.nodes, text)
+        let text = scrub_nodes(&self.nodes, text);
+        match &self.stream {
+            Some(url) => url.scrub(&text),
+            None => text,
+        }
     }
 }

@@ -9,6 +9,7 @@ use super::link::Link;
 use super::settings::Settings;
 use super::status::Status;
 use super::store;
+use super::stream::Streams;
 use super::table::{self, Generation, Table};
 use super::txn;
 use crate::signals;
@@ -34,6 +35,8 @@ const LEAVE_CHECK: Duration = Duration::from_millis(250);
 pub struct Worker<'rt> {
     pub(super) settings: Settings,
     pub(super) link: Link<'rt>,
+    /// The stream path's lanes.
+    pub(super) streams: Streams<'rt>,
     pub(super) ledger: Ledger<Generation>,
     pub(super) floor: Floor,
     pub(super) status: Status,
@@ -55,6 +58,7 @@ impl<'rt> Worker<'rt> {
         let now = Instant::now();
         Worker {
             link: Link::new(runtime, settings.reconnect_backoff_max),
+            streams: Streams::new(runtime),
             read_limit: settings.batch_size,
             settings,
             ledger: Ledger::default(),
@@ -86,6 +90,10 @@ impl<'rt> Worker<'rt> {
     /// latch (commits, signals). False: stop.
     pub(super) fn pause(&mut self, pause: Duration) -> bool {
         if pause.is_zero() {
+            return true;
+        }
+        if self.ledger.in_flight() == 0 && self.streams.in_flight() > 0 {
+            self.streams.wait_for_reports(pause.min(OUTCOME_WAIT));
             return true;
         }
         if self.ledger.in_flight() == 0 {
@@ -165,12 +173,17 @@ impl<'rt> Worker<'rt> {
             self.link.restart(settings.reconnect_backoff_max);
             self.status.broker_settings_changed();
         }
+        if settings.stream != self.settings.stream {
+            self.streams.abandon();
+        }
         self.read_limit = settings.batch_size;
         self.settings = settings;
     }
 
     /// On SIGTERM: let what is in flight be confirmed (briefly), record it, close.
     pub(super) fn shutdown(&mut self) {
+        // What is in flight on a stream is settled by the next worker's recovery.
+        self.streams.abandon();
         let last = self.link.close(SHUTDOWN_GRACE);
         self.take_reports(last);
         if self.ledger.has_outcomes() {

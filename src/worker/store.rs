@@ -19,7 +19,8 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use std::cell::RefCell;
 use std::time::Duration;
 
-// The next publishable rows above the floor ($2), in row order. Payload and headers come as
+// The next publishable rows above the floor ($2), in row order; not those for a stream (rows
+// that name no exchange go to `outbox.exchange`, $3), which the stream path sends. Payload and headers come as
 // stored (maybe still toasted): rows already handed over cost little to skip, and the size of
 // the others is known before they are read whole.
 const SELECT_BATCH: &str = "\
@@ -30,6 +31,7 @@ SELECT m.id, m.xmin, m.message_id::text, m.event_type, m.payload, m.aggregate_ty
   FROM outbox.messages m
  WHERE m.id > $2
    AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+   AND coalesce(m.exchange, $3) NOT LIKE 'stream:%'
    AND NOT EXISTS (SELECT 1 FROM outbox.messages r
                     WHERE r.next_attempt_at IS NOT NULL
                       AND r.next_attempt_at > now()
@@ -125,12 +127,14 @@ pub struct ReadLimits<'a> {
     pub floor: i64,
     pub skip: usize,
     pub handed_over: &'a dyn Fn(i64) -> bool,
+    /// `outbox.exchange`.
+    pub default_exchange: &'a str,
 }
 
 pub fn read_batch(limits: &ReadLimits<'_>) -> Result<Batch, DbError> {
     Spi::connect_mut(|c| {
         let fetch = (limits.rows + limits.skip) as i64;
-        run(c, SELECT_BATCH, &[fetch.into(), limits.floor.into()], |mut t| {
+        run(c, SELECT_BATCH, &[fetch.into(), limits.floor.into(), limits.default_exchange.into()], |mut t| {
             let mut batch = Batch::default();
             let mut bytes = 0usize;
             while t.next().is_some() {
@@ -169,7 +173,7 @@ pub fn read_batch(limits: &ReadLimits<'_>) -> Result<Batch, DbError> {
 }
 
 /// Bytes of a column's value once detoasted and decompressed, read from its header only.
-fn stored_size(t: &SpiTupleTable<'_>, ordinal: usize) -> Result<usize, DbError> {
+pub(super) fn stored_size(t: &SpiTupleTable<'_>, ordinal: usize) -> Result<usize, DbError> {
     Ok(match t.get_datum_by_ordinal(ordinal)? {
         // SAFETY: a varlena datum of the current row; only its header is read.
         Some(d) => unsafe { pg_sys::toast_raw_datum_size(d) },
@@ -178,7 +182,11 @@ fn stored_size(t: &SpiTupleTable<'_>, ordinal: usize) -> Result<usize, DbError> 
 }
 
 /// The current row as a message; why not, if one of its texts cannot be read as UTF-8.
-fn read_message(t: &SpiTupleTable<'_>, row_id: i64, attempts: i32) -> Result<OutboxMessage, String> {
+pub(super) fn read_message(
+    t: &SpiTupleTable<'_>,
+    row_id: i64,
+    attempts: i32,
+) -> Result<OutboxMessage, String> {
     let text = |ordinal: usize, what: &str| -> Result<Option<String>, String> {
         let datum = t.get_datum_by_ordinal(ordinal).map_err(|e| e.to_string())?;
         datum.map(|d| utf8_text(d, false).map_err(|e| format!("{what}: {e}"))).transpose()

@@ -1,0 +1,102 @@
+//! One stream's lane: its link (a connection with the named producer declared), what is in
+//! flight on it, and its back-off. A lane's life:
+//!
+//! - `Connecting`: the link connects, declares `pg_outbox/<database>/<stream>` and asks the
+//!   broker for the producer's last stored publishing id;
+//! - `Recovering(stored)`: the broker said; the next transaction deletes the events at or
+//!   below it (they are in the stream) and raises the stream's last id to it;
+//! - `Sending`: events go out in publishing-id order, every id above the last one sent;
+//! - `Down`: the link ended (connection lost, stream missing, a refusal, a timeout); nothing in
+//!   flight is trusted, and the next connection after the back-off starts over with the
+//!   broker's word.
+
+use super::super::ledger::Meter;
+use super::super::reconnect::Reconnect;
+use pg_outbox_core::stream::StreamLink;
+use rand::Rng;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// A lane with nothing to do for this long closes its connection.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
+
+pub enum LaneState {
+    Connecting,
+    Recovering(u64),
+    Sending,
+    Down,
+}
+
+/// An event sent and not confirmed yet.
+pub struct Sent {
+    pub row_id: i64,
+    pub meter: Meter,
+}
+
+pub struct Lane {
+    /// The stream's name (without `stream:`).
+    pub stream: String,
+    /// `stream:<name>`, as the rows name it.
+    pub exchange: String,
+    pub link: Option<StreamLink>,
+    /// The number of the current (or last) link: reports of earlier ones are stale.
+    pub link_number: u64,
+    pub state: LaneState,
+    /// The highest publishing id sent on the current link (or the broker's last stored one).
+    pub sent_upto: u64,
+    pub in_flight: BTreeMap<u64, Sent>,
+    pub reconnect: Reconnect,
+    /// The last time the lane had something to do.
+    pub busy_at: Instant,
+    /// The last error, logged once until the lane works again.
+    pub last_error: Option<String>,
+}
+
+impl Lane {
+    pub fn new(exchange: &str, stream: &str, backoff_max: Duration, now: Instant) -> Lane {
+        Lane {
+            stream: stream.to_string(),
+            exchange: exchange.to_string(),
+            link: None,
+            link_number: 0,
+            state: LaneState::Down,
+            sent_upto: 0,
+            in_flight: BTreeMap::new(),
+            reconnect: Reconnect::new(backoff_max, now),
+            busy_at: now,
+            last_error: None,
+        }
+    }
+
+    /// Whether the lane takes events now.
+    pub fn sending(&self) -> bool {
+        matches!(self.state, LaneState::Sending)
+    }
+
+    /// The link ended: what was in flight is settled by the next connection's recovery.
+    pub fn ended(&mut self, now: Instant, rng: &mut impl Rng) {
+        if let Some(link) = self.link.take() {
+            link.abort();
+        }
+        if matches!(self.state, LaneState::Connecting) {
+            self.reconnect.failed(now, rng);
+        } else {
+            self.reconnect.lost(now, rng);
+        }
+        self.state = LaneState::Down;
+        self.in_flight.clear();
+    }
+
+    /// Closes an idle connection (nothing in flight, nothing found for `IDLE_CLOSE`).
+    pub fn close_if_idle(&mut self, now: Instant, runtime: &tokio::runtime::Runtime) -> bool {
+        let idle = self.in_flight.is_empty() && now.duration_since(self.busy_at) >= IDLE_CLOSE;
+        if !idle || self.link.is_none() {
+            return false;
+        }
+        if let Some(link) = self.link.take() {
+            runtime.spawn(link.close(Duration::from_secs(1)));
+        }
+        self.state = LaneState::Down;
+        true
+    }
+}
