@@ -68,9 +68,12 @@ impl Lane {
         }
     }
 
-    /// Whether the lane takes events now.
-    pub fn sending(&self) -> bool {
-        matches!(self.state, LaneState::Sending)
+    /// The recovery's transaction committed: sending goes on above the broker's last id.
+    pub fn recovered(&mut self) {
+        if let LaneState::Recovering(stored) = self.state {
+            self.sent_upto = stored;
+            self.state = LaneState::Sending;
+        }
     }
 
     /// The link ended: what was in flight is settled by the next connection's recovery.

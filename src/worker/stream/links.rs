@@ -59,7 +59,11 @@ pub(super) fn take_reports(w: &mut Worker<'_>, now: Instant) {
 pub(super) fn start_lanes(w: &mut Worker<'_>, url: &stream::StreamUrl, found: Vec<String>, now: Instant) {
     for exchange in found {
         let Some(name) = stream::stream_of(&exchange) else { continue };
-        if w.streams.lanes.contains_key(name) || w.streams.lanes.len() >= MAX_LANES {
+        if let Some(lane) = w.streams.lanes.get_mut(name) {
+            lane.busy_at = now;
+            continue;
+        }
+        if w.streams.lanes.len() >= MAX_LANES {
             continue;
         }
         let lane = Lane::new(&exchange, name, w.settings.reconnect_backoff_max, now);

@@ -20,15 +20,15 @@
 
 mod lane;
 mod links;
+mod plan;
 mod send;
 mod sql;
 
 use super::ledger::Outcomes;
 use super::state::Worker;
-use super::store;
 use super::txn;
-use lane::{Lane, LaneState};
-use pg_outbox_core::stream::{self, Report};
+use lane::Lane;
+use pg_outbox_core::stream::Report;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -106,8 +106,8 @@ impl<'rt> Streams<'rt> {
     }
 }
 
-/// The stream path's part of a round: take what the links said, record it, read and assign,
-/// make it durable, send it. Returns whether it did anything (the round then goes on at once).
+/// The stream path's part of a round, as named steps. Returns whether it did anything (the
+/// round then goes on at once).
 pub fn round(w: &mut Worker<'_>) -> bool {
     let Some(url) = w.settings.stream.clone() else {
         if !w.streams.lanes.is_empty() {
@@ -116,104 +116,13 @@ pub fn round(w: &mut Worker<'_>) -> bool {
         return false;
     };
     let now = Instant::now();
+    // 1. What the links said: ready (with the broker's last stored id), confirmed, ended.
     links::take_reports(w, now);
-    let to_recover: Vec<(String, u64)> = w
-        .streams
-        .lanes
-        .values()
-        .filter_map(|l| match l.state {
-            LaneState::Recovering(stored) => Some((l.stream.clone(), stored)),
-            _ => None,
-        })
-        .collect();
+    // 2. What the transaction is to do for each lane.
+    let plan = plan::Plan::of(w, now);
     let outcomes = std::mem::take(&mut w.streams.outcomes);
-    let rooms: Vec<(String, String, u64, usize)> = w
-        .streams
-        .lanes
-        .values()
-        .filter(|l| l.sending() || matches!(l.state, LaneState::Recovering(_)))
-        .map(|l| {
-            let after = match l.state {
-                LaneState::Recovering(stored) => stored,
-                _ => l.sent_upto,
-            };
-            (
-                l.stream.clone(),
-                l.exchange.clone(),
-                after,
-                w.settings.max_in_flight.saturating_sub(l.in_flight.len()),
-            )
-        })
-        .collect();
-    // Streams whose events wait for a connection are skipped: they must not fill the read.
-    let not_ready: Vec<String> = w
-        .streams
-        .lanes
-        .values()
-        .filter(|l| match l.state {
-            LaneState::Sending | LaneState::Recovering(_) => false,
-            LaneState::Down => !l.reconnect.may_connect(now),
-            LaneState::Connecting => true,
-        })
-        .map(|l| l.exchange.clone())
-        .collect();
-    let default_exchange = w.settings.default_exchange.clone();
-    let floor = w.floor.value();
-    let batch = w.settings.batch_size;
-    let known_database = w.streams.database.clone();
-    let result = txn::in_transaction(AssertUnwindSafe(|| {
-        let database = match known_database {
-            Some(d) => d,
-            None => sql::database()?,
-        };
-        let mut recovered = Vec::new();
-        for (stream, stored) in &to_recover {
-            recovered.push((
-                stream.clone(),
-                sql::recover(stream, &format!("{}{stream}", stream::PREFIX), *stored)?,
-            ));
-        }
-        store::record_outcomes(&outcomes)?;
-        let mut sends = Vec::new();
-        let mut found_new = Vec::new();
-        let mut with_room = Vec::new();
-        for (stream, exchange, after, room) in &rooms {
-            if *room == 0 {
-                continue;
-            }
-            let rows = sql::assigned(exchange, *after, (*room).min(batch))?;
-            if rows.len() < (*room).min(batch) {
-                with_room.push((stream.clone(), exchange.clone(), (*room).min(batch) - rows.len()));
-            }
-            sends.push((exchange.clone(), rows));
-        }
-        if !with_room.is_empty() || rooms.is_empty() {
-            let candidates = sql::unassigned(&default_exchange, floor, &not_ready, batch)?;
-            for (stream, exchange, room) in &with_room {
-                let ids: Vec<i64> =
-                    candidates.iter().filter(|(_, e)| e == exchange).map(|(id, _)| *id).take(*room).collect();
-                if ids.is_empty() {
-                    continue;
-                }
-                sql::assign(stream, exchange, &ids)?;
-                let after = sends
-                    .iter()
-                    .filter(|(e, _)| e == exchange)
-                    .flat_map(|(_, r)| r.last())
-                    .map(|a| a.seq)
-                    .max();
-                let after =
-                    after.unwrap_or_else(|| rooms.iter().find(|r| &r.1 == exchange).map_or(0, |r| r.2));
-                let rows = sql::assigned(exchange, after, ids.len())?;
-                sends.push((exchange.clone(), rows));
-            }
-            found_new = candidates.into_iter().map(|(_, e)| e).collect();
-            found_new.sort();
-            found_new.dedup();
-        }
-        Ok((database, recovered, sends, found_new))
-    }));
-    let (database, recovered, sends, found) = match result {
+    // 3. One transaction: recoveries, outcomes, the events to send (ids given to new ones).
+    let found = match txn::in_transaction(AssertUnwindSafe(|| plan.run(&outcomes))) {
         Ok(found) => found,
         Err(e) => {
             // Recorded with the next round's; a lane waiting for its recovery keeps waiting.
@@ -222,29 +131,24 @@ pub fn round(w: &mut Worker<'_>) -> bool {
             return false;
         }
     };
-    w.streams.database = Some(database);
+    // 4. What it found: lanes recovered, rows that cannot be sent, streams with events.
+    w.streams.database = Some(found.database);
     w.status.recorded(&outcomes, &w.settings.default_exchange);
-    send::count_recovered(w, &recovered);
-    for (stream, _) in &recovered {
+    send::count_recovered(w, &found.recovered);
+    for (stream, _) in &found.recovered {
         if let Some(lane) = w.streams.lanes.get_mut(stream) {
-            if let LaneState::Recovering(stored) = lane.state {
-                lane.sent_upto = stored;
-                lane.state = LaneState::Sending;
-            }
+            lane.recovered();
         }
     }
-    let sends = send::settle_reads(w, sends);
-    let mut did = !outcomes.is_empty() || !recovered.is_empty();
+    let sends = send::settle_reads(w, found.sends);
+    // 5. Durable first, then on the lanes, in id order.
+    let mut did = !outcomes.is_empty() || !found.recovered.is_empty();
     if !sends.is_empty() && send::make_durable(w) {
         did = true;
         send::send(w, sends, now);
     }
-    for exchange in &found {
-        if let Some(lane) = stream::stream_of(exchange).and_then(|s| w.streams.lanes.get_mut(s)) {
-            lane.busy_at = now;
-        }
-    }
-    links::start_lanes(w, &url, found, now);
+    // 6. Lanes: start those events wait for, close those idle.
+    links::start_lanes(w, &url, found.streams, now);
     links::close_idle(w, now);
     did
 }
