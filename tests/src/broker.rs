@@ -3,8 +3,8 @@
 //! whatever happens).
 
 use amqprs::channel::{
-    BasicConsumeArguments, Channel, ExchangeDeclareArguments, ExchangeDeleteArguments, ExchangeType,
-    QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
+    BasicConsumeArguments, Channel, ConsumerMessage, ExchangeDeclareArguments, ExchangeDeleteArguments,
+    ExchangeType, QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{FieldTable, FieldValue};
@@ -60,11 +60,36 @@ fn render(v: &FieldValue) -> String {
         FieldValue::S(s) => String::from(s.clone()),
         FieldValue::t(b) => b.to_string(),
         FieldValue::l(i) => i.to_string(),
+        // What the broker makes of AMQP 1.0 integers (a stream's application properties).
+        FieldValue::I(i) => i.to_string(),
+        FieldValue::i(i) => i.to_string(),
         FieldValue::d(f) => f.to_string(),
         FieldValue::V => "null".into(),
         FieldValue::F(t) => format!("{}", t),
         other => format!("{other:?}"),
     }
+}
+
+/// A message as received, with its delivery tag (to ack it).
+pub(crate) fn delivery(msg: ConsumerMessage) -> (u64, Delivery) {
+    let received_at = Instant::now();
+    let deliver = msg.deliver.unwrap();
+    let props = msg.basic_properties.unwrap();
+    let delivery = Delivery {
+        exchange: deliver.exchange().clone(),
+        routing_key: deliver.routing_key().clone(),
+        redelivered: deliver.redelivered(),
+        message_id: props.message_id().cloned(),
+        message_type: props.message_type().cloned(),
+        content_type: props.content_type().cloned(),
+        delivery_mode: props.delivery_mode(),
+        timestamp: props.timestamp(),
+        app_id: props.app_id().cloned(),
+        headers: headers(props.headers()),
+        body: msg.content.unwrap_or_default(),
+        received_at,
+    };
+    (deliver.delivery_tag(), delivery)
 }
 
 fn headers(t: Option<&FieldTable>) -> BTreeMap<String, String> {
@@ -76,9 +101,12 @@ fn headers(t: Option<&FieldTable>) -> BTreeMap<String, String> {
 pub struct Consumer {
     pub queue: String,
     pub exchange: String,
-    received: Arc<Mutex<Vec<Delivery>>>,
-    channel: Option<Channel>,
-    runtime: tokio::runtime::Handle,
+    pub(crate) received: Arc<Mutex<Vec<Delivery>>>,
+    pub(crate) channel: Option<Channel>,
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// Dropped with the consumer: a receiving task that holds a clone of the channel (to ack)
+    /// ends then, and the channel closes.
+    pub(crate) _stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for Consumer {
@@ -115,6 +143,25 @@ impl Consumer {
         }
     }
 
+    /// Waits until at least `unique` distinct message ids arrived and then nothing more for
+    /// `quiet` (if fewer arrive: until `within` passed); returns every delivery, duplicates included,
+    /// in arrival order, for the caller to judge.
+    pub fn settle(&self, unique: usize, within: Duration, quiet: Duration) -> Vec<Delivery> {
+        let deadline = Instant::now() + within;
+        let (mut count, mut since) = (self.count(), Instant::now());
+        loop {
+            let got = self.received();
+            if got.len() != count {
+                (count, since) = (got.len(), Instant::now());
+            }
+            let done = dedup(&got).0.len() >= unique || Instant::now() >= deadline;
+            if done && (since.elapsed() >= quiet || Instant::now() >= deadline + quiet) {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits `quiet` and checks nothing (more) arrived beyond `expected`.
     pub fn expect_no_more(&self, expected: usize, quiet: Duration) {
         std::thread::sleep(quiet);
@@ -135,7 +182,7 @@ pub fn dedup(deliveries: &[Delivery]) -> (HashMap<String, usize>, usize) {
 
 pub struct Broker {
     pub rt: Runtime,
-    connection: Connection,
+    pub(crate) connection: Connection,
 }
 
 impl Drop for Broker {
@@ -254,23 +301,7 @@ impl Broker {
                 .unwrap();
             tokio::spawn(async move {
                 while let Some(msg) = rx.recv().await {
-                    let received_at = Instant::now();
-                    let deliver = msg.deliver.unwrap();
-                    let props = msg.basic_properties.unwrap();
-                    sink.lock().unwrap().push(Delivery {
-                        exchange: deliver.exchange().clone(),
-                        routing_key: deliver.routing_key().clone(),
-                        redelivered: deliver.redelivered(),
-                        message_id: props.message_id().cloned(),
-                        message_type: props.message_type().cloned(),
-                        content_type: props.content_type().cloned(),
-                        delivery_mode: props.delivery_mode(),
-                        timestamp: props.timestamp(),
-                        app_id: props.app_id().cloned(),
-                        headers: headers(props.headers()),
-                        body: msg.content.unwrap_or_default(),
-                        received_at,
-                    });
+                    sink.lock().unwrap().push(delivery(msg).1);
                 }
             });
             ch
@@ -281,6 +312,7 @@ impl Broker {
             received,
             channel: Some(channel),
             runtime: self.rt.handle().clone(),
+            _stop: None,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod cluster_node;
 pub mod install;
 pub mod load;
 pub mod proxy;
+pub mod stream;
 pub mod tls_node;
 
 pub use broker::{dedup, unique, Broker, BrokerOutage, Consumer, Delivery};
@@ -15,6 +16,10 @@ pub use cluster::{
 };
 pub use load::{verify, Load, LoadSpec, Verdict};
 pub use proxy::Proxy;
+pub use stream::{
+    producer_name, stream_exchange, stream_publishers, wait_for_stream_port, OwnStream, STREAM_PORT,
+    STREAM_URL,
+};
 pub use tls_node::{Certificates, TlsNode};
 
 /// The repository's root directory.

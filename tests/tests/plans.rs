@@ -51,9 +51,20 @@ fn published(cluster: &Cluster) -> i64 {
 
 #[test]
 fn a_burst_after_an_idle_spell_never_scans_the_outbox() {
+    burst_after_an_idle_spell(false);
+}
+
+/// The same through the stream path: its reads, id assignment and recovery by index too.
+#[test]
+fn a_burst_to_a_stream_never_scans_the_outbox() {
+    burst_after_an_idle_spell(true);
+}
+
+fn burst_after_an_idle_spell(to_stream: bool) {
     let _alone = exclusive();
     // auto_explain logs the worker's plans, to name the statement if one scans the table.
     let cluster = Cluster::start(&[
+        ("outbox.stream_url", STREAM_URL),
         ("outbox.poll_interval", "'100ms'"),
         ("autovacuum", "off"),
         ("shared_preload_libraries", "'pg_outbox,auto_explain'"),
@@ -66,10 +77,12 @@ fn a_burst_after_an_idle_spell_never_scans_the_outbox() {
     let mut args = amqprs::FieldTable::new();
     args.insert("x-max-length".try_into().unwrap(), amqprs::FieldValue::l(1000));
     let queue = broker.declare_queue(&exchange, "#", args);
+    let stream = broker.own_stream();
+    let exchange = if to_stream { stream_exchange(&stream) } else { exchange.name.clone() };
     let mut db = cluster.client();
     db.execute(
         "SELECT outbox.publish('Warm', '{}', exchange => $1) FROM generate_series(1, 10)",
-        &[&exchange.name],
+        &[&exchange],
     )
     .unwrap();
     cluster.wait_drained(Duration::from_secs(60));
@@ -83,7 +96,7 @@ fn a_burst_after_an_idle_spell_never_scans_the_outbox() {
     db.execute(
         "SELECT outbox.publish('Burst', jsonb_build_object('n', n), aggregate_id => (n % 1000)::text, exchange => $1)
            FROM generate_series(1, $2) n",
-        &[&exchange.name, &burst],
+        &[&exchange, &burst],
     )
     .unwrap();
     wait_until(Duration::from_secs(300), "the burst to drain", || {
