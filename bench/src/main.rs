@@ -12,6 +12,7 @@ mod observability;
 mod publishers;
 mod raw;
 mod relay;
+mod stream;
 mod tls;
 mod write;
 
@@ -67,7 +68,8 @@ fn table(rows: &[Row]) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick { relay::Sizes::quick() } else { relay::Sizes::full() };
-    // `--only relay,burst,latency,write,naive,tls,capture,headers,metrics,publishers,inbox` runs some parts.
+    // `--only relay,burst,latency,write,naive,tls,capture,headers,metrics,publishers,inbox,stream` runs some
+    // parts.
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
     let run = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p == part));
     let (seconds, write_seconds) = if quick { (5, 5) } else { (20, 20) };
@@ -109,6 +111,9 @@ fn main() {
     }
     if run("inbox") {
         rows.extend(inbox::inbox(if quick { 3 } else { 6 }));
+    }
+    if run("stream") {
+        rows.extend(stream::stream(&if quick { stream::Sizes::quick() } else { stream::Sizes::full() }));
     }
     progress(&format!("done in {:.0?}", started.elapsed()));
     println!("\n{}", table(&rows));
