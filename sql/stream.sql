@@ -13,12 +13,12 @@ ALTER TABLE outbox.messages ADD COLUMN stream_seq bigint;
 COMMENT ON COLUMN outbox.messages.stream_seq IS
     'pg_outbox: the publishing id of an event for a stream, assigned by the worker before its first send';
 
--- The stream events the worker has not given an id yet, in row order.
-CREATE INDEX messages_stream_idx ON outbox.messages (id)
+-- The stream events the worker has not given an id yet, by stream and in row order: each
+-- stream's next events, and which streams have any, are read from here alone.
+CREATE INDEX messages_stream_idx ON outbox.messages (exchange, id)
     WHERE exchange LIKE 'stream:%' AND stream_seq IS NULL;
 
--- The events that have an id, by stream and id: re-sent in this order, and deleted up to the
--- broker's last stored id after a reconnect.
+-- The events that have an id, by stream and id: sent in this order, again after a reconnect.
 CREATE INDEX messages_stream_seq_idx ON outbox.messages (exchange, stream_seq)
     WHERE stream_seq IS NOT NULL;
 

@@ -13,6 +13,7 @@
 use crate::encoding::{self, NotUtf8};
 use crate::{aggregate_lock, gucs, shmem, wake};
 use pg_outbox_core::locks::aggregate_lock_key;
+use pg_outbox_core::stream::PREFIX as STREAM_PREFIX;
 use pg_outbox_core::validate::{check_event, ErrorClass, EventArgs, InvalidEvent, Limits};
 use pgrx::datum::DatumWithOid;
 use pgrx::fcinfo::pg_getarg_datum;
@@ -88,6 +89,9 @@ pub unsafe extern "C-unwind" fn outbox_publish(fcinfo: pg_sys::FunctionCallInfo)
     // SAFETY: we are in a transaction (a function is being called).
     unsafe { pg_sys::GetTopTransactionId() };
 
+    // An event that names no exchange goes to `outbox.exchange`, which the worker reads when it
+    // publishes; but a stream is decided now: its events are numbered by the stream they are in.
+    let default_stream = exchange.is_none().then(gucs::exchange).filter(|e| e.starts_with(STREAM_PREFIX));
     let message_id = pgrx::Uuid::from_bytes(uuid::Uuid::now_v7().into_bytes());
     let typed = |d: Option<pg_sys::Datum>, oid: pg_sys::Oid| match d {
         // SAFETY: the datum is the argument as Postgres passed it, of this type.
@@ -102,7 +106,10 @@ pub unsafe extern "C-unwind" fn outbox_publish(fcinfo: pg_sys::FunctionCallInfo)
         typed(aggregate_id, pg_sys::TEXTOID),
         typed(headers, pg_sys::JSONBOID),
         typed(routing_key, pg_sys::TEXTOID),
-        typed(exchange, pg_sys::TEXTOID),
+        match default_stream {
+            Some(stream) => stream.into(),
+            None => typed(exchange, pg_sys::TEXTOID),
+        },
     ];
     INSERT_PLAN.with(|plan| {
         Spi::connect_mut(|client| {

@@ -10,7 +10,7 @@
 
 use pg_outbox_core::broker_url::{parse_nodes, show_nodes};
 use pg_outbox_core::validate::{ExchangeFilter, AMQP_SHORTSTR_MAX};
-use pg_outbox_core::{tls, BrokerUrl};
+use pg_outbox_core::{stream, tls, BrokerUrl};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -172,9 +172,18 @@ pub(super) unsafe extern "C-unwind" fn check_short_string(
     // SAFETY: Postgres passes valid pointers; a non-null string is NUL-terminated.
     unsafe {
         if !newval.is_null() && !(*newval).is_null() {
-            let len = CStr::from_ptr(*newval).to_bytes().len();
+            let value = CStr::from_ptr(*newval);
+            let len = value.to_bytes().len();
             if len > AMQP_SHORTSTR_MAX {
                 return reject(format!("an exchange name is at most 255 bytes long, not {len}"), None);
+            }
+            let name = value.to_bytes().strip_prefix(pg_outbox_core::stream::PREFIX.as_bytes());
+            let checked = name.map(|n| stream::check_stream_name(&String::from_utf8_lossy(n)));
+            if let Some(Err(e)) = checked {
+                return reject(
+                    format!("invalid stream in outbox.exchange: {e}"),
+                    Some("Write stream:<name>."),
+                );
             }
         }
     }

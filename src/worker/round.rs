@@ -66,7 +66,12 @@ fn run(w: &mut Worker<'_>) -> Duration {
     let step = db_step(w, &outcomes, floor_work, read.as_ref());
     let (generation, batch, next_retry) = match settle_step(w, step, outcomes) {
         Ok(found) => found,
-        Err(pause) => return pause,
+        Err(pause) => {
+            // The stream path has its own transaction: a round of the AMQP path that failed
+            // (a statement timeout, say) must not hold it up.
+            stream::round(w);
+            return pause;
+        }
     };
     let fetched = batch.messages.len() + batch.unreadable.len();
     if !make_durable(w, &batch) {
@@ -173,7 +178,6 @@ fn db_step(
     let expected = ledger.generation();
     let floor_value = w.floor.value();
     let wait_for_standbys = w.settings.wait_for_sync_standbys;
-    let default_exchange = w.settings.default_exchange.clone();
     txn::in_transaction(AssertUnwindSafe(|| {
         let generation = match table::table()? {
             Table::Ready(g) => g,
@@ -191,7 +195,6 @@ fn db_step(
                 floor: floor_value,
                 skip: ledger.in_flight(),
                 handed_over: &|id| ledger.is_handed_over(id),
-                default_exchange: &default_exchange,
             })?,
             None => Batch::default(),
         };
@@ -341,6 +344,9 @@ fn decide_pause(
     }
     if !connected {
         pause = pause.min(w.link.reconnect.next_attempt().saturating_duration_since(Instant::now()));
+    }
+    if let Some(next) = w.streams.next_attempt() {
+        pause = pause.min(next.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
     }
     pause
 }

@@ -45,7 +45,9 @@ impl Settings {
                 url,
                 tls: gucs::tls_files(),
                 default_exchange: gucs::exchange(),
-                declare_default_exchange: gucs::declare_exchange(),
+                // A stream is not an exchange: nothing to declare.
+                declare_default_exchange: gucs::declare_exchange()
+                    && !gucs::exchange().starts_with(pg_outbox_core::stream::PREFIX),
                 mandatory: gucs::unroutable_is_failure(),
                 confirm_timeout: gucs::confirm_timeout(),
                 max_in_flight: gucs::max_in_flight(),

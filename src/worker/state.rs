@@ -92,7 +92,7 @@ impl<'rt> Worker<'rt> {
         if pause.is_zero() {
             return true;
         }
-        if self.ledger.in_flight() == 0 && self.streams.in_flight() > 0 {
+        if self.ledger.in_flight() == 0 && self.streams.expecting_reports() {
             self.streams.wait_for_reports(pause.min(OUTCOME_WAIT));
             return true;
         }

@@ -19,8 +19,8 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use std::cell::RefCell;
 use std::time::Duration;
 
-// The next publishable rows above the floor ($2), in row order; not those for a stream (rows
-// that name no exchange go to `outbox.exchange`, $3), which the stream path sends. Payload and headers come as
+// The next publishable rows above the floor ($2), in row order; not those for a stream, which
+// the stream path sends (`outbox.publish` writes a stream's name into every row bound for one). Payload and headers come as
 // stored (maybe still toasted): rows already handed over cost little to skip, and the size of
 // the others is known before they are read whole.
 const SELECT_BATCH: &str = "\
@@ -31,7 +31,7 @@ SELECT m.id, m.xmin, m.message_id::text, m.event_type, m.payload, m.aggregate_ty
   FROM outbox.messages m
  WHERE m.id > $2
    AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
-   AND coalesce(m.exchange, $3) NOT LIKE 'stream:%'
+   AND (m.exchange IS NULL OR m.exchange NOT LIKE 'stream:%')
    AND NOT EXISTS (SELECT 1 FROM outbox.messages r
                     WHERE r.next_attempt_at IS NOT NULL
                       AND r.next_attempt_at > now()
@@ -69,10 +69,12 @@ const ANY_ROW: &str = "SELECT EXISTS (SELECT 1 FROM outbox.messages ORDER BY id 
 const TRUNCATE: &str = "TRUNCATE outbox.messages";
 
 // The partial index holds exactly the retrying rows: counting them is as cheap as the minimum.
+// (A row for a stream written before 0.4.0 may still carry a retry time: the stream path sends
+// it without waiting, and it must not make the worker wake for it.)
 const NEXT_RETRY_IN: &str = "\
 SELECT (extract(epoch FROM min(next_attempt_at) FILTER (WHERE isfinite(next_attempt_at)) - now()) * 1000)::int8,
        count(*)
-  FROM outbox.messages WHERE next_attempt_at IS NOT NULL";
+  FROM outbox.messages WHERE next_attempt_at IS NOT NULL AND (exchange IS NULL OR exchange NOT LIKE 'stream:%')";
 
 thread_local! {
     static PLANS: RefCell<Vec<(&'static str, OwnedPreparedStatement)>> = const { RefCell::new(Vec::new()) };
@@ -127,14 +129,12 @@ pub struct ReadLimits<'a> {
     pub floor: i64,
     pub skip: usize,
     pub handed_over: &'a dyn Fn(i64) -> bool,
-    /// `outbox.exchange`.
-    pub default_exchange: &'a str,
 }
 
 pub fn read_batch(limits: &ReadLimits<'_>) -> Result<Batch, DbError> {
     Spi::connect_mut(|c| {
         let fetch = (limits.rows + limits.skip) as i64;
-        run(c, SELECT_BATCH, &[fetch.into(), limits.floor.into(), limits.default_exchange.into()], |mut t| {
+        run(c, SELECT_BATCH, &[fetch.into(), limits.floor.into()], |mut t| {
             let mut batch = Batch::default();
             let mut bytes = 0usize;
             while t.next().is_some() {

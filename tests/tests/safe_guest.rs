@@ -307,7 +307,8 @@ fn readme_worker_role_recipe() -> String {
 #[test]
 fn the_documented_worker_role_recipe_works() {
     let _alone = exclusive();
-    let cluster = Cluster::start(&quick_retries("2"));
+    let cluster =
+        Cluster::start(&[quick_retries("2").as_slice(), &[("outbox.stream_url", STREAM_URL)]].concat());
     let broker = Broker::connect();
     let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "ok.#");
@@ -347,6 +348,16 @@ fn the_documented_worker_role_recipe_works() {
         let bytes: i64 = admin.query_one("SELECT pg_relation_size('outbox.messages')", &[]).unwrap().get(0);
         (bytes < 1024 * 1024).then_some(())
     });
+    // And into a stream: ids taken, recorded and recovered as the role.
+    let stream = broker.own_stream();
+    admin
+        .execute(
+            "SELECT outbox.publish('S', '{}', aggregate_id => 'a', exchange => $1) FROM generate_series(1, 50)",
+            &[&stream_exchange(&stream)],
+        )
+        .unwrap();
+    broker.consume_stream(&stream).wait_for(50, WITHIN);
+    cluster.wait_drained(WITHIN);
     let deleters: HashSet<String> = admin
         .query("SELECT DISTINCT who FROM public.deleted_by", &[])
         .unwrap()

@@ -300,6 +300,46 @@ fn amqp_path_duplicates_for_contrast() {
     broker.delete_exchange(&exchange);
 }
 
+/// After a crash, the events that already had ids are sent again though no new event comes,
+/// and those the broker has are confirmed without being stored twice.
+#[test]
+fn events_that_had_ids_before_a_crash_are_sent_again_and_stored_once() {
+    let _alone = exclusive();
+    let cluster = stream_cluster(&[]);
+    let broker = Broker::connect();
+    let stream = broker.own_stream();
+    let exchange = stream_exchange(&stream);
+    let mut db = cluster.client();
+    let mut ids: Vec<Uuid> = (0..3).map(|_| publish(&mut db, "First", &exchange)).collect();
+    cluster.wait_drained(WITHIN);
+    // As if the worker had died after those three were confirmed but before their rows were
+    // deleted, having given a fourth event its id without sending it.
+    let last: i64 = db
+        .query_one("SELECT last_seq FROM outbox.stream_producers WHERE stream = $1", &[&&*stream])
+        .unwrap()
+        .get(0);
+    let fourth: Uuid = db.query_one("SELECT gen_random_uuid()", &[]).unwrap().get(0);
+    for (i, id) in ids.iter().chain([&fourth]).enumerate() {
+        db.execute(
+            "INSERT INTO outbox.messages (message_id, event_type, payload, exchange, stream_seq)
+             VALUES ($1, 'First', '{}', $2, $3)",
+            &[id, &exchange, &(last - 2 + i as i64)],
+        )
+        .unwrap();
+    }
+    db.execute(
+        "UPDATE outbox.stream_producers SET last_seq = $2 WHERE stream = $1",
+        &[&&*stream, &(last + 1)],
+    )
+    .unwrap();
+    cluster.crash();
+    cluster.start_server();
+    ids.push(fourth);
+    cluster.wait_drained(WITHIN);
+    let got = broker.consume_stream(&stream).settle(4, WITHIN, QUIET);
+    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), ids, "each once, in order");
+}
+
 #[test]
 fn a_missing_stream_waits_and_recovers() {
     let _alone = exclusive();

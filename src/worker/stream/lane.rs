@@ -68,10 +68,12 @@ impl Lane {
         }
     }
 
-    /// The recovery's transaction committed: sending goes on above the broker's last id.
+    /// The recovery's transaction committed (new ids are above the broker's last one): every
+    /// event that has an id is sent again on this link, from the lowest, and the broker confirms
+    /// those it has (once they are safe) without storing them twice.
     pub fn recovered(&mut self) {
-        if let LaneState::Recovering(stored) = self.state {
-            self.sent_upto = stored;
+        if let LaneState::Recovering(_) = self.state {
+            self.sent_upto = 0;
             self.state = LaneState::Sending;
         }
     }
@@ -91,15 +93,55 @@ impl Lane {
     }
 
     /// Closes an idle connection (nothing in flight, nothing found for `IDLE_CLOSE`).
-    pub fn close_if_idle(&mut self, now: Instant, runtime: &tokio::runtime::Runtime) -> bool {
+    pub fn close_if_idle(&mut self, now: Instant, runtime: &tokio::runtime::Runtime) {
         let idle = self.in_flight.is_empty() && now.duration_since(self.busy_at) >= IDLE_CLOSE;
-        if !idle || self.link.is_none() {
-            return false;
+        // Only a lane that sends: one that connects (or recovers) is busy by definition.
+        if !idle || self.link.is_none() || !matches!(self.state, LaneState::Sending) {
+            return;
         }
         if let Some(link) = self.link.take() {
             runtime.spawn(link.close(Duration::from_secs(1)));
         }
         self.state = LaneState::Down;
-        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn lane(now: Instant) -> Lane {
+        Lane::new("stream:orders", "orders", Duration::from_secs(30), now)
+    }
+
+    #[test]
+    fn after_a_recovery_everything_with_an_id_is_sent_again_from_the_lowest() {
+        let now = Instant::now();
+        let mut l = lane(now);
+        l.sent_upto = 500;
+        l.state = LaneState::Recovering(420);
+        l.recovered();
+        assert!(matches!(l.state, LaneState::Sending));
+        assert_eq!(l.sent_upto, 0, "ids at or below the broker's are sent again, not skipped");
+        // Only a recovering lane recovers: a lane that sends keeps its place.
+        l.sent_upto = 7;
+        l.recovered();
+        assert_eq!(l.sent_upto, 7);
+    }
+
+    #[test]
+    fn a_link_that_ends_forgets_what_was_in_flight_and_waits_for_the_back_off() {
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut l = lane(now);
+        l.state = LaneState::Connecting;
+        l.in_flight.insert(3, Sent { row_id: 30, meter: Meter::default() });
+        l.ended(now, &mut rng);
+        assert!(matches!(l.state, LaneState::Down));
+        assert!(l.in_flight.is_empty());
+        assert!(!l.reconnect.may_connect(now), "a failed connection waits for its back-off");
+        assert!(l.reconnect.may_connect(now + Duration::from_secs(31)));
     }
 }

@@ -1,7 +1,7 @@
 //! A lane's link: starting it (tagged reports), what it reports, closing it when idle.
 
 use super::super::state::Worker;
-use super::lane::{self, Lane, LaneState, Sent};
+use super::lane::{Lane, LaneState, Sent};
 use super::{CONNECT_TIMEOUT, MAX_LANES};
 use pg_outbox_core::stream::{self, LinkConfig, Report, StreamLink};
 use pgrx::pg_sys;
@@ -54,24 +54,31 @@ pub(super) fn take_reports(w: &mut Worker<'_>, now: Instant) {
     }
 }
 
-/// Starts a lane for each stream that has events and none (within `MAX_LANES`), and
-/// reconnects lanes that are down once their back-off allows.
-pub(super) fn start_lanes(w: &mut Worker<'_>, url: &stream::StreamUrl, found: Vec<String>, now: Instant) {
-    for exchange in found {
-        let Some(name) = stream::stream_of(&exchange) else { continue };
-        if let Some(lane) = w.streams.lanes.get_mut(name) {
+/// The lanes follow the streams that have events waiting (`found`): a lane goes away once its
+/// stream has none and its link is closed; a new stream gets a lane (up to `MAX_LANES`); a lane
+/// that is down reconnects once its back-off allows, if its stream has events; a lane with
+/// nothing to do for `IDLE_CLOSE` closes its connection.
+pub(super) fn follow_streams(w: &mut Worker<'_>, url: &stream::StreamUrl, found: Vec<String>, now: Instant) {
+    let wanted: Vec<&str> = found.iter().filter_map(|e| stream::stream_of(e)).collect();
+    let runtime = w.streams.runtime;
+    w.streams.lanes.retain(|name, lane| {
+        if wanted.contains(&name.as_str()) {
             lane.busy_at = now;
-            continue;
         }
-        if w.streams.lanes.len() >= MAX_LANES {
-            continue;
+        lane.close_if_idle(now, runtime);
+        lane.link.is_some() || !lane.in_flight.is_empty() || wanted.contains(&name.as_str())
+    });
+    for exchange in &found {
+        let Some(name) = stream::stream_of(exchange) else { continue };
+        if !w.streams.lanes.contains_key(name) && w.streams.lanes.len() < MAX_LANES {
+            let lane = Lane::new(exchange, name, w.settings.reconnect_backoff_max, now);
+            w.streams.lanes.insert(name.to_string(), lane);
         }
-        let lane = Lane::new(&exchange, name, w.settings.reconnect_backoff_max, now);
-        w.streams.lanes.insert(name.to_string(), lane);
     }
     let database = w.streams.database.clone().unwrap_or_default();
     for lane in w.streams.lanes.values_mut() {
-        if lane.link.is_some() || !matches!(lane.state, LaneState::Down) || !lane.reconnect.may_connect(now) {
+        let due = matches!(lane.state, LaneState::Down) && lane.reconnect.may_connect(now);
+        if lane.link.is_some() || !due || !wanted.contains(&lane.stream.as_str()) {
             continue;
         }
         if let Err(reason) = stream::check_stream_name(&lane.stream) {
@@ -102,17 +109,6 @@ pub(super) fn start_lanes(w: &mut Worker<'_>, url: &stream::StreamUrl, found: Ve
         lane.link_number = number;
         lane.link = Some(StreamLink::start(w.streams.runtime.handle(), config, tx));
         lane.state = LaneState::Connecting;
+        lane.busy_at = now;
     }
-}
-
-/// Lanes with nothing to do for a while close their connection; a lane down with nothing to
-/// do goes away.
-pub(super) fn close_idle(w: &mut Worker<'_>, now: Instant) {
-    let runtime = w.streams.runtime;
-    w.streams.lanes.retain(|_, lane| {
-        lane.close_if_idle(now, runtime);
-        // A lane that failed stays, with its back-off; one closed for idleness may go.
-        let idle = now.duration_since(lane.busy_at) >= lane::IDLE_CLOSE;
-        !(lane.link.is_none() && lane.last_error.is_none() && idle)
-    });
 }

@@ -24,6 +24,8 @@ mod plan;
 mod send;
 mod sql;
 
+use plan::Found;
+
 use super::ledger::Outcomes;
 use super::state::Worker;
 use super::txn;
@@ -76,6 +78,20 @@ impl<'rt> Streams<'rt> {
         self.lanes.values().map(|l| l.in_flight.len()).sum()
     }
 
+    /// Whether a link's report is due: a confirm, or the outcome of a connection attempt.
+    pub fn expecting_reports(&self) -> bool {
+        self.lanes.values().any(|l| !l.in_flight.is_empty() || matches!(l.state, lane::LaneState::Connecting))
+    }
+
+    /// When the next lane that is down may connect again.
+    pub fn next_attempt(&self) -> Option<Instant> {
+        self.lanes
+            .values()
+            .filter(|l| matches!(l.state, lane::LaneState::Down))
+            .map(|l| l.reconnect.next_attempt())
+            .min()
+    }
+
     /// Waits up to `timeout` for a report of a link (between rounds, while events are in flight).
     pub fn wait_for_reports(&mut self, timeout: Duration) {
         let reports = &mut self.reports;
@@ -119,36 +135,49 @@ pub fn round(w: &mut Worker<'_>) -> bool {
     // 1. What the links said: ready (with the broker's last stored id), confirmed, ended.
     links::take_reports(w, now);
     // 2. What the transaction is to do for each lane.
-    let plan = plan::Plan::of(w, now);
+    let plan = plan::Plan::of(w);
     let outcomes = std::mem::take(&mut w.streams.outcomes);
-    // 3. One transaction: recoveries, outcomes, the events to send (ids given to new ones).
-    let found = match txn::in_transaction(AssertUnwindSafe(|| plan.run(&outcomes))) {
-        Ok(found) => found,
-        Err(e) => {
-            // Recorded with the next round's; a lane waiting for its recovery keeps waiting.
-            w.streams.outcomes = outcomes;
-            w.status.db(super::status::DbState::Failing(e));
-            return false;
-        }
-    };
-    // 4. What it found: lanes recovered, rows that cannot be sent, streams with events.
-    w.streams.database = Some(found.database);
+    // 3. One transaction: recoveries, outcomes, the events to send (ids given to new ones),
+    //    the streams with events waiting.
+    let (database, sends, streams, lost_producers) =
+        match txn::in_transaction(AssertUnwindSafe(|| plan.run(&outcomes))) {
+            Ok(Found::Done { database, sends, streams, lost_producers }) => {
+                (database, sends, streams, lost_producers)
+            }
+            Ok(Found::OtherTable) => {
+                // The rows the lanes know of are gone with their table (or not known yet).
+                w.streams.abandon();
+                return false;
+            }
+            Err(e) => {
+                // Recorded with the next round's; a lane waiting for its recovery keeps waiting.
+                w.streams.outcomes = outcomes;
+                w.status.db(super::status::DbState::Failing(e));
+                return false;
+            }
+        };
+    // 4. What it found: lanes recovered (or to recover again), rows that cannot be sent.
+    w.streams.database = Some(database);
     w.status.recorded(&outcomes, &w.settings.default_exchange);
-    send::count_recovered(w, &found.recovered);
-    for (stream, _) in &found.recovered {
-        if let Some(lane) = w.streams.lanes.get_mut(stream) {
+    for lane in w.streams.lanes.values_mut() {
+        if lost_producers.contains(&lane.stream) {
+            pgrx::warning!(
+                "pg_outbox: the producer row of stream \"{}\" is gone; reconnecting to recover it",
+                lane.stream
+            );
+            lane.ended(now, &mut w.rng);
+        } else {
             lane.recovered();
         }
     }
-    let sends = send::settle_reads(w, found.sends);
+    let sends = send::settle_reads(w, sends);
     // 5. Durable first, then on the lanes, in id order.
-    let mut did = !outcomes.is_empty() || !found.recovered.is_empty();
+    let mut did = !outcomes.is_empty();
     if !sends.is_empty() && send::make_durable(w) {
         did = true;
         send::send(w, sends, now);
     }
-    // 6. Lanes: start those events wait for, close those idle.
-    links::start_lanes(w, &url, found.streams, now);
-    links::close_idle(w, now);
+    // 6. Lanes follow the streams that have events: started, reconnected, closed when idle.
+    links::follow_streams(w, &url, streams, now);
     did
 }

@@ -1,38 +1,19 @@
 //! From rows read to messages on a lane: what cannot be sent is dead-lettered, the rest goes
 //! out in publishing-id order once durable.
 
-use super::super::ledger::{Failure, Meter, Outcomes, ReadRow};
+use super::super::ledger::{Failure, Meter, ReadRow};
 use super::super::state::Worker;
 use super::lane::Sent;
 use super::sql;
 use crate::durability;
 use pg_outbox_core::outcome::FailureKind;
 use pg_outbox_core::stream::{self, Message};
-use pgrx::pg_sys;
 use std::time::Instant;
 
 /// What a lane's transaction found to send.
 pub struct ToSend {
     pub exchange: String,
     pub rows: Vec<(u64, ReadRow)>,
-}
-
-/// Counts the events a recovery found already in their stream as published.
-pub(super) fn count_recovered(w: &mut Worker<'_>, recovered: &[(String, Vec<i64>)]) {
-    let mut outcomes = Outcomes::default();
-    // SAFETY: reads the clock.
-    let settled_at = unsafe { pg_sys::GetCurrentTimestamp() };
-    for (stream, created) in recovered {
-        for &created_at in created {
-            outcomes.confirmed.push(0);
-            outcomes.confirmed_meters.push(Meter {
-                exchange: Some(format!("{}{stream}", stream::PREFIX)),
-                committed_at: created_at,
-                settled_at,
-            });
-        }
-    }
-    w.status.recorded(&outcomes, &w.settings.default_exchange);
 }
 
 /// Rows that cannot become stream messages are dead-lettered by the next transaction (their

@@ -1,48 +1,67 @@
 //! The stream path's SQL. Like everything the worker runs: inside a transaction opened by
 //! `txn`, with the pinned `search_path`, schema-qualified names, and plans kept per worker
-//! (`store::run`).
+//! (`store::run`). Every statement reads by one of the two partial indexes of sql/stream.sql,
+//! so events waiting for one stream cost nothing to the reads of another, or of the AMQP path's.
 
 use super::super::ledger::ReadRow;
 use super::super::store::{self, run};
 use super::super::txn::DbError;
 use pgrx::prelude::*;
 
-/// Stream events without a publishing id yet, in row order, with the stream they go to (rows
-/// that name no exchange go to `outbox.exchange`, `$1`), skipping streams in `$3` (not
-/// connected). Custom plans: with `$1` not a stream, this reads the partial index only.
-const UNASSIGNED: &str = "\
-SELECT m.id, coalesce(m.exchange, $1)
-  FROM outbox.messages m
- WHERE m.stream_seq IS NULL
-   AND m.id > $2
-   AND (m.exchange LIKE 'stream:%' OR (m.exchange IS NULL AND $1 LIKE 'stream:%'))
-   AND coalesce(m.exchange, $1) <> ALL ($3::text[])
- ORDER BY m.id
- LIMIT $4";
+/// Ids are never reused, even by a link of an earlier install whose last messages the broker may
+/// still be reading: a stream first seen (no row yet) starts this far above the broker's id.
+const FIRST_GAP: i64 = 1 << 20;
 
-const DATABASE: &str = "SELECT pg_catalog.current_database()::text";
+/// The streams that have events without an id (a skip scan: one index probe per stream).
+const STREAMS_UNASSIGNED: &str = "\
+WITH RECURSIVE s(exchange) AS (
+    (SELECT m.exchange FROM outbox.messages m
+      WHERE m.exchange LIKE 'stream:%' AND m.stream_seq IS NULL
+      ORDER BY m.exchange LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.exchange FROM outbox.messages m
+             WHERE m.exchange LIKE 'stream:%' AND m.stream_seq IS NULL AND m.exchange > s.exchange
+             ORDER BY m.exchange LIMIT 1)
+      FROM s WHERE s.exchange IS NOT NULL)
+SELECT exchange FROM s WHERE exchange IS NOT NULL LIMIT $1";
+
+/// The streams that have events with an id (after a restart, these are sent first).
+const STREAMS_ASSIGNED: &str = "\
+WITH RECURSIVE s(exchange) AS (
+    (SELECT m.exchange FROM outbox.messages m
+      WHERE m.stream_seq IS NOT NULL
+      ORDER BY m.exchange LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.exchange FROM outbox.messages m
+             WHERE m.stream_seq IS NOT NULL AND m.exchange > s.exchange
+             ORDER BY m.exchange LIMIT 1)
+      FROM s WHERE s.exchange IS NOT NULL)
+SELECT exchange FROM s WHERE exchange IS NOT NULL LIMIT $1";
+
+/// A stream's next events without an id above the floor, in row order (within an aggregate,
+/// commit order).
+const UNASSIGNED: &str = "\
+SELECT m.id FROM outbox.messages m
+ WHERE m.exchange = $1 AND m.exchange LIKE 'stream:%' AND m.stream_seq IS NULL AND m.id > $2
+ ORDER BY m.exchange, m.id
+ LIMIT $3";
 
 /// Takes `$2` ids for stream `$1`; the new ones are `last_seq - $2 + 1 ..= last_seq`.
 const TAKE_IDS: &str = "\
 UPDATE outbox.stream_producers SET last_seq = last_seq + $2 WHERE stream = $1 RETURNING last_seq";
 
-/// Gives rows their ids, and names their stream (a row that named none keeps going to the
-/// stream it was given an id for, whatever `outbox.exchange` becomes).
+/// Gives rows their ids. A row that was waiting for a retry of the AMQP path (written for a
+/// `stream:` exchange before 0.4.0) waits no more.
 const ASSIGN: &str = "\
 UPDATE outbox.messages m
-   SET stream_seq = a.seq, exchange = $3
+   SET stream_seq = a.seq, next_attempt_at = NULL
   FROM unnest($1::int8[], $2::int8[]) AS a(id, seq)
  WHERE m.id = a.id AND m.stream_seq IS NULL";
 
-/// After a (re)connect: ids are never below what the broker stored for the producer.
+/// After a (re)connect: ids go on above what the broker stored for the producer.
 const RECOVER_PRODUCER: &str = "\
-INSERT INTO outbox.stream_producers AS p (stream, last_seq) VALUES ($1, $2)
-ON CONFLICT (stream) DO UPDATE SET last_seq = greatest(p.last_seq, excluded.last_seq)";
-
-/// After a (re)connect: the events at or below the broker's last stored id are in the stream.
-const DELETE_STORED: &str = "\
-DELETE FROM outbox.messages WHERE exchange = $1 AND stream_seq IS NOT NULL AND stream_seq <= $2
-RETURNING id, created_at";
+INSERT INTO outbox.stream_producers AS p (stream, last_seq) VALUES ($1, $2 + $3)
+ON CONFLICT (stream) DO UPDATE SET last_seq = greatest(p.last_seq, $2)";
 
 /// The stream's events that have an id above `$2`, in id order: the order they are sent in.
 const ASSIGNED: &str = "\
@@ -52,66 +71,75 @@ SELECT m.id, m.xmin, m.message_id::text, m.event_type, m.payload, m.aggregate_ty
        m.created_at, m.stream_seq
   FROM outbox.messages m
  WHERE m.exchange = $1 AND m.stream_seq IS NOT NULL AND m.stream_seq > $2
- ORDER BY m.stream_seq
+ ORDER BY m.exchange, m.stream_seq
  LIMIT $3";
+
+const DATABASE: &str = "SELECT pg_catalog.current_database()::text";
 
 /// The database's name.
 pub fn database() -> Result<String, DbError> {
     Spi::connect_mut(|c| run(c, DATABASE, &[], |t| Ok(t.first().get::<String>(1)?.unwrap_or_default())))
 }
 
-/// Up to `limit` stream events without an id above `floor`, in row order: (row id, exchange).
-pub fn unassigned(
-    default_exchange: &str,
-    floor: i64,
-    skip: &[String],
-    limit: usize,
-) -> Result<Vec<(i64, String)>, DbError> {
-    let args = [default_exchange.into(), floor.into(), skip.to_vec().into(), (limit as i64).into()];
+/// The exchanges (`stream:<name>`) of the streams that have events waiting, at most `limit` of
+/// each kind, sorted and each once.
+pub fn streams(limit: usize) -> Result<Vec<String>, DbError> {
+    let mut found = Vec::new();
+    Spi::connect_mut(|c| {
+        for sql in [STREAMS_UNASSIGNED, STREAMS_ASSIGNED] {
+            run(c, sql, &[(limit as i64).into()], |t| {
+                for row in t {
+                    found.extend(row.get::<String>(1)?);
+                }
+                Ok(())
+            })?;
+        }
+        Ok::<_, DbError>(())
+    })?;
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
+/// Up to `limit` events of `exchange` without an id, above `floor`, in row order.
+pub fn unassigned(exchange: &str, floor: i64, limit: usize) -> Result<Vec<i64>, DbError> {
+    let args = [exchange.into(), floor.into(), (limit as i64).into()];
     Spi::connect_mut(|c| {
         run(c, UNASSIGNED, &args, |t| {
-            let mut rows = Vec::new();
+            let mut ids = Vec::new();
             for row in t {
-                if let (Some(id), Some(exchange)) = (row.get::<i64>(1)?, row.get::<String>(2)?) {
-                    rows.push((id, exchange));
-                }
+                ids.extend(row.get::<i64>(1)?);
             }
-            Ok(rows)
+            Ok(ids)
         })
     })
 }
 
-/// Gives `rows` (in the order given) the next ids of `stream` (its exchange is
-/// `stream:<name>`), recorded in the same transaction.
-pub fn assign(stream: &str, exchange: &str, rows: &[i64]) -> Result<(), DbError> {
+/// Gives `rows` (in the order given) the next ids of `stream`, recorded in the same
+/// transaction. False: the stream has no producer row (someone removed it), and no id was
+/// given: the lane must recover first.
+pub fn assign(stream: &str, rows: &[i64]) -> Result<bool, DbError> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     Spi::connect_mut(|c| {
         let n = rows.len() as i64;
-        let last = run(c, TAKE_IDS, &[stream.into(), n.into()], |t| Ok(t.first().get::<i64>(1)?))?
-            .ok_or_else(|| {
-                DbError::new(PgSqlErrorCode::ERRCODE_NO_DATA_FOUND, "no producer row for the stream")
-            })?;
+        let last = run(c, TAKE_IDS, &[stream.into(), n.into()], |t| {
+            Ok(if t.is_empty() { None } else { t.first().get::<i64>(1)? })
+        })?;
+        let Some(last) = last else { return Ok(false) };
         let seqs: Vec<i64> = (last - n + 1..=last).collect();
-        run(c, ASSIGN, &[rows.to_vec().into(), seqs.into(), exchange.into()], |_| Ok(()))
+        run(c, ASSIGN, &[rows.to_vec().into(), seqs.into()], |_| Ok(true))
     })
 }
 
-/// After a (re)connect whose producer the broker knows up to `stored`: ids go on above it,
-/// and the events at or below it are deleted (they are in the stream). Returns the deleted
-/// rows' creation times (Postgres timestamps), for the metrics.
-pub fn recover(stream: &str, exchange: &str, stored: u64) -> Result<Vec<i64>, DbError> {
-    let stored = stored.min(i64::MAX as u64) as i64;
+/// After a (re)connect whose producer the broker knows up to `stored`: new ids go on above it.
+/// (Nothing is deleted on its word: the events that have an id are sent again, and the broker
+/// confirms those it has, once they are safe.)
+pub fn recover(stream: &str, stored: u64) -> Result<(), DbError> {
+    let stored = stored.min((i64::MAX - FIRST_GAP) as u64) as i64;
     Spi::connect_mut(|c| {
-        run(c, RECOVER_PRODUCER, &[stream.into(), stored.into()], |_| Ok(()))?;
-        run(c, DELETE_STORED, &[exchange.into(), stored.into()], |mut t| {
-            let mut created = Vec::new();
-            while t.next().is_some() {
-                created.push(t.get_datum_by_ordinal(2)?.map(|d| d.value() as i64).unwrap_or_default());
-            }
-            Ok(created)
-        })
+        run(c, RECOVER_PRODUCER, &[stream.into(), stored.into(), FIRST_GAP.into()], |_| Ok(()))
     })
 }
 
@@ -130,12 +158,12 @@ pub fn assigned(exchange: &str, after: u64, limit: usize) -> Result<Vec<Assigned
             while t.next().is_some() {
                 let row_id = t.get::<i64>(1)?.unwrap_or_default();
                 let seq = t.get::<i64>(14)?.unwrap_or_default().max(0) as u64;
-                let xmin = t.get_datum_by_ordinal(2)?.map(|d| d.value() as u32).unwrap_or(0);
                 let attempts = t.get::<i32>(12)?.unwrap_or_default();
                 let bytes = store::stored_size(&t, 5)? + store::stored_size(&t, 8)?;
-                let committed_at = crate::commit_times::lookup(xmin)
-                    .or_else(|| t.get_datum_by_ordinal(13).ok().flatten().map(|d| d.value() as i64))
-                    .unwrap_or_default();
+                // The row's xmin is the transaction that gave it its id: its insert time is
+                // what tells when it was written.
+                let committed_at =
+                    t.get_datum_by_ordinal(13).ok().flatten().map(|d| d.value() as i64).unwrap_or_default();
                 let row = store::read_message(&t, row_id, attempts)
                     .map(|message| ReadRow { message, bytes, committed_at })
                     .map_err(|reason| (row_id, reason));
