@@ -117,6 +117,15 @@ pub fn insert_lsn() -> u64 {
     unsafe { pg_sys::GetXLogInsertRecPtr() }
 }
 
+/// The end of this process' last commit record. Flushed, it makes durable that transaction and
+/// every one it saw committed (their commit records come before it in the WAL). Unlike
+/// [`insert_lsn`], never past the WAL written so far (the insert position can point past the
+/// header of a page not begun yet, which `XLogFlush` refuses).
+pub fn last_commit_end() -> u64 {
+    // SAFETY: a plain read of this process' own global, on its main thread.
+    unsafe { pg_sys::XactLastCommitEnd }
+}
+
 /// Makes sure the WAL up to `lsn` is flushed: what a synchronous commit does, here once per
 /// batch and only when an asynchronous commit left WAL unflushed.
 pub fn flush(lsn: u64) {

@@ -340,6 +340,25 @@ fn events_that_had_ids_before_a_crash_are_sent_again_and_stored_once() {
     assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), ids, "each once, in order");
 }
 
+/// One event per transaction, each waking the worker: many rounds, each giving ids and
+/// flushing the WAL (once, that flush asked for a position past the WAL written, at a page
+/// boundary, and the round failed). Every event arrives once, and the worker never fails.
+#[test]
+fn one_event_per_transaction_arrives_once_and_the_worker_never_fails() {
+    let _alone = exclusive();
+    let cluster = stream_cluster(&[]);
+    let broker = Broker::connect();
+    let stream = broker.own_stream();
+    let exchange = stream_exchange(&stream);
+    let mut db = cluster.client();
+    let ids: Vec<Uuid> = (0..1500).map(|_| publish(&mut db, "Single", &exchange)).collect();
+    cluster.wait_drained(WITHIN);
+    let got = broker.consume_stream(&stream).settle(ids.len(), WITHIN, QUIET);
+    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), ids, "each once, in order");
+    let log = cluster.log();
+    assert!(!log.contains("internal error in the worker"), "{log}");
+}
+
 #[test]
 fn a_missing_stream_waits_and_recovers() {
     let _alone = exclusive();

@@ -31,6 +31,7 @@ use super::state::Worker;
 use super::txn;
 use lane::Lane;
 use pg_outbox_core::stream::Report;
+use pgrx::pg_sys;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -39,6 +40,24 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// Streams served at once, at most (each has a connection).
 pub(super) const MAX_LANES: usize = 32;
+/// How often a wait for the links' reports looks whether a commit set the latch.
+const LATCH_LOOK: Duration = Duration::from_millis(1);
+
+/// Whether this process' latch was set (a commit, a signal), without waiting; resets it if so
+/// (the round that follows reads after this, and signals are looked at by the main loop).
+fn take_latch() -> bool {
+    // SAFETY: `MyLatch` is this process' own latch, valid for its life; reading its flag is what
+    // `WaitLatch` itself does first, and resetting it is the waiter's part. `block_on` runs this
+    // on the main thread.
+    unsafe {
+        let set = std::ptr::read_volatile(&raw const (*pg_sys::MyLatch).is_set) != 0;
+        if set {
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        set
+    }
+}
+
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Streams<'rt> {
@@ -92,16 +111,22 @@ impl<'rt> Streams<'rt> {
             .min()
     }
 
-    /// Waits up to `timeout` for a report of a link (between rounds, while events are in flight).
+    /// Waits up to `timeout` for a report of a link (between rounds, while events are in
+    /// flight), or until a commit sets the latch: a stream takes new events while others await
+    /// their confirm, so a commit must not wait for one.
     pub fn wait_for_reports(&mut self, timeout: Duration) {
         let reports = &mut self.reports;
         let got = self.runtime.block_on(async {
             let mut got = Vec::new();
-            if let Ok(Some(first)) = tokio::time::timeout(timeout, reports.recv()).await {
-                got.push(first);
-                while let Ok(r) = reports.try_recv() {
-                    got.push(r);
+            let deadline = tokio::time::Instant::now() + timeout;
+            while got.is_empty() && tokio::time::Instant::now() < deadline && !take_latch() {
+                let slice = deadline.min(tokio::time::Instant::now() + LATCH_LOOK);
+                if let Ok(Some(first)) = tokio::time::timeout_at(slice, reports.recv()).await {
+                    got.push(first);
                 }
+            }
+            while let Ok(r) = reports.try_recv() {
+                got.push(r);
             }
             got
         });

@@ -44,7 +44,7 @@ pub(super) fn settle_reads(w: &mut Worker<'_>, sends: Vec<(String, Vec<sql::Assi
 /// No event reaches the broker before its transaction, and the transaction that gave it its
 /// id, are durable. False: the worker is stopping.
 pub(super) fn make_durable(w: &mut Worker<'_>) -> bool {
-    let lsn = durability::insert_lsn();
+    let lsn = durability::last_commit_end();
     if !w.settings.wait_for_sync_standbys {
         durability::flush(lsn);
         return true;
