@@ -300,14 +300,20 @@ fn amqp_path_duplicates_for_contrast() {
     broker.delete_exchange(&exchange);
 }
 
+/// A stream cluster, the broker and a stream of the test's own.
+fn cluster_and_stream() -> (Cluster, Broker, OwnStream) {
+    let cluster = stream_cluster(&[]);
+    let broker = Broker::connect();
+    let stream = broker.own_stream();
+    (cluster, broker, stream)
+}
+
 /// After a crash, the events that already had ids are sent again though no new event comes,
 /// and those the broker has are confirmed without being stored twice.
 #[test]
 fn events_that_had_ids_before_a_crash_are_sent_again_and_stored_once() {
     let _alone = exclusive();
-    let cluster = stream_cluster(&[]);
-    let broker = Broker::connect();
-    let stream = broker.own_stream();
+    let (cluster, broker, stream) = cluster_and_stream();
     let exchange = stream_exchange(&stream);
     let mut db = cluster.client();
     let mut ids: Vec<Uuid> = (0..3).map(|_| publish(&mut db, "First", &exchange)).collect();
@@ -346,9 +352,7 @@ fn events_that_had_ids_before_a_crash_are_sent_again_and_stored_once() {
 #[test]
 fn one_event_per_transaction_arrives_once_and_the_worker_never_fails() {
     let _alone = exclusive();
-    let cluster = stream_cluster(&[]);
-    let broker = Broker::connect();
-    let stream = broker.own_stream();
+    let (cluster, broker, stream) = cluster_and_stream();
     let exchange = stream_exchange(&stream);
     let mut db = cluster.client();
     let ids: Vec<Uuid> = (0..1500).map(|_| publish(&mut db, "Single", &exchange)).collect();
