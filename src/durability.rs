@@ -130,11 +130,33 @@ pub fn last_commit_end() -> u64 {
 /// batch and only when an asynchronous commit left WAL unflushed.
 pub fn flush(lsn: u64) {
     // SAFETY: `lsn` is at most the current insert position (it came from a commit record's
-    // end or from `insert_lsn`), so the flush request can be satisfied.
+    // end or from `insert_lsn`), and `page_start` takes it back to WAL that exists, so the
+    // flush request can be satisfied.
     unsafe {
+        let lsn = page_start(lsn, pg_sys::wal_segment_size as u64);
         if lsn != 0 && pg_sys::XLogNeedsFlush(lsn) {
             pg_sys::XLogFlush(lsn);
         }
+    }
+}
+
+/// The insert position at a page boundary points just past the header of a page no record has
+/// begun on yet: WAL that is not written, which `XLogFlush` refuses ("request to flush past end
+/// of generated WAL"). Nothing lies between that page's start and it: flushing to the start
+/// makes the same WAL durable.
+fn page_start(lsn: u64, segment_size: u64) -> u64 {
+    /// `SizeOfXLogShortPHD`, and `SizeOfXLogLongPHD` on a segment's first page.
+    const SHORT_HEADER: u64 = 24;
+    const LONG_HEADER: u64 = 40;
+    let header = if segment_size > 0 && lsn % segment_size < pg_sys::XLOG_BLCKSZ as u64 {
+        LONG_HEADER
+    } else {
+        SHORT_HEADER
+    };
+    if lsn % pg_sys::XLOG_BLCKSZ as u64 == header {
+        lsn - header
+    } else {
+        lsn
     }
 }
 
@@ -166,4 +188,19 @@ pub fn wait_for_sync_standbys(lsn: u64) -> bool {
         );
     }
     !crate::signals::stop_requested()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_start;
+
+    #[test]
+    fn a_position_just_past_a_fresh_page_header_is_the_page_start() {
+        let segment = 16 * 1024 * 1024;
+        assert_eq!(page_start(0x19B0018, segment), 0x19B0000, "a page's short header");
+        assert_eq!(page_start(0x1000028, segment), 0x1000000, "a segment's long header");
+        assert_eq!(page_start(0x1000018, segment), 0x1000018, "not a header's end on a segment's first page");
+        assert_eq!(page_start(0x19B0020, segment), 0x19B0020, "inside a page");
+        assert_eq!(page_start(0, segment), 0);
+    }
 }
