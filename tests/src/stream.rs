@@ -58,12 +58,22 @@ impl Broker {
     pub fn declare_stream(&self, name: &str) {
         let mut arguments = FieldTable::new();
         arguments.insert("x-queue-type".try_into().unwrap(), FieldValue::S("stream".try_into().unwrap()));
+        // Right after a broker restart (a fault test before this one) the stream coordinator
+        // may not take declarations yet: the broker closes the channel. Try again for a while.
         self.rt.block_on(async {
-            let ch = self.connection.open_channel(None).await.unwrap();
-            ch.queue_declare(QueueDeclareArguments::new(name).durable(true).arguments(arguments).finish())
-                .await
-                .unwrap();
-            let _ = ch.close().await;
+            for attempt in 1..=30 {
+                let ch = self.connection.open_channel(None).await.unwrap();
+                let args =
+                    QueueDeclareArguments::new(name).durable(true).arguments(arguments.clone()).finish();
+                match ch.queue_declare(args).await {
+                    Ok(_) => {
+                        let _ = ch.close().await;
+                        return;
+                    }
+                    Err(e) if attempt == 30 => panic!("declaring stream {name}: {e}"),
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                }
+            }
         });
     }
 

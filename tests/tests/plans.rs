@@ -77,8 +77,8 @@ fn burst_after_an_idle_spell(to_stream: bool) {
     let mut args = amqprs::FieldTable::new();
     args.insert("x-max-length".try_into().unwrap(), amqprs::FieldValue::l(1000));
     let queue = broker.declare_queue(&exchange, "#", args);
-    let stream = broker.own_stream();
-    let exchange = if to_stream { stream_exchange(&stream) } else { exchange.name.clone() };
+    let stream = to_stream.then(|| broker.own_stream());
+    let exchange = stream.as_ref().map_or_else(|| exchange.name.clone(), |s| stream_exchange(s));
     let mut db = cluster.client();
     db.execute(
         "SELECT outbox.publish('Warm', '{}', exchange => $1) FROM generate_series(1, 10)",
