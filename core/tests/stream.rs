@@ -36,10 +36,23 @@ struct TestStream(String);
 impl TestStream {
     async fn create() -> TestStream {
         let name = unique("pg_outbox_test_stream");
-        let client = admin().await;
-        assert!(client.create_stream(&name, HashMap::new()).await.unwrap().is_ok());
-        let _ = client.close().await;
-        TestStream(name)
+        // Right after the stream plugin is enabled or the broker restarted, its stream
+        // coordinator may not take declarations yet: the broker closes the connection. Try again
+        // on a new one for a while.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let client = admin().await;
+            let created = client.create_stream(&name, HashMap::new()).await;
+            let _ = client.close().await;
+            match created {
+                Ok(response) => {
+                    assert!(response.is_ok(), "creating stream {name}: {:?}", response.code());
+                    return TestStream(name);
+                }
+                Err(e) if Instant::now() > deadline => panic!("creating stream {name}: {e:?}"),
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
     }
 }
 

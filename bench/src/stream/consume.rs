@@ -29,16 +29,24 @@ async fn connect() -> Connection {
 
 /// Declares the stream `name` over AMQP: a durable queue of type `stream`.
 pub fn declare_stream(name: &str) {
+    let mut args = FieldTable::new();
+    args.insert("x-queue-type".try_into().unwrap(), FieldValue::S("stream".try_into().unwrap()));
     runtime().block_on(async {
         let connection = connect().await;
-        let channel = connection.open_channel(None).await.unwrap();
-        let mut args = FieldTable::new();
-        args.insert("x-queue-type".try_into().unwrap(), FieldValue::S("stream".try_into().unwrap()));
-        channel
-            .queue_declare(QueueDeclareArguments::new(name).durable(true).arguments(args).finish())
-            .await
-            .unwrap();
-        channel.close().await.ok();
+        // Right after the stream plugin is enabled the stream coordinator may not take
+        // declarations yet: the broker closes the channel. Try again for a while.
+        for attempt in 1..=60 {
+            let channel = connection.open_channel(None).await.unwrap();
+            let declare = QueueDeclareArguments::new(name).durable(true).arguments(args.clone()).finish();
+            match channel.queue_declare(declare).await {
+                Ok(_) => {
+                    channel.close().await.ok();
+                    break;
+                }
+                Err(e) if attempt == 60 => panic!("declaring stream {name}: {e}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+            }
+        }
         connection.close().await.ok();
     });
 }
