@@ -210,8 +210,12 @@ pub(super) fn read_message(
     })
 }
 
-/// A text (or, with `jsonb`, a jsonb value's text) as UTF-8. A conversion error of one value
-/// is that row's problem only: it is caught here, not left to abort the round.
+/// A text (or, with `jsonb`, a jsonb value's text) as UTF-8. A data error of one value (class
+/// 22: it cannot be converted; class 54: it is too long to convert) is that row's problem only:
+/// it is caught here, not left to abort the round, and the row is dead-lettered. Any other
+/// error (a cancel, a statement timeout, out of memory, an I/O error reading its TOAST) says
+/// nothing about the row: it aborts the round, which is tried again after the back-off, so
+/// that an event the broker may already hold is never dead-lettered for it.
 fn utf8_text(datum: pg_sys::Datum, jsonb: bool) -> Result<String, String> {
     PgTryBuilder::new(|| {
         let bytes: &[u8] = if jsonb {
@@ -225,11 +229,25 @@ fn utf8_text(datum: pg_sys::Datum, jsonb: bool) -> Result<String, String> {
         };
         encoding::to_utf8(bytes).map(|s| s.into_owned()).map_err(|e| e.0)
     })
-    .catch_others(|e| match e {
-        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => Err(r.message().to_string()),
-        CaughtError::RustPanic { ereport, .. } => Err(ereport.message().to_string()),
+    .catch_others(|e| {
+        let report = match &e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
+            CaughtError::RustPanic { ereport, .. } => ereport,
+        };
+        let error = DbError::new(report.sql_error_code(), report.message());
+        if is_the_values_own(&error) && !matches!(e, CaughtError::RustPanic { .. }) {
+            Err(error.message)
+        } else {
+            e.rethrow()
+        }
     })
     .execute()
+}
+
+/// Whether an error converting one value is about that value: a data exception (class 22) or
+/// a program limit (class 54), which converting it again would raise again.
+fn is_the_values_own(error: &DbError) -> bool {
+    matches!(&error.sqlstate()[..2], "22" | "54")
 }
 
 /// Records what the broker said: deletes the confirmed rows, counts failed attempts and moves
@@ -311,4 +329,30 @@ pub fn next_retry_in() -> Result<(Option<Duration>, i64), DbError> {
         })
     })?;
     Ok((ms.map(|ms| Duration::from_millis(ms.max(0) as u64)), retrying))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_data_errors_are_a_values_own() {
+        use PgSqlErrorCode::*;
+        for own in [
+            ERRCODE_UNTRANSLATABLE_CHARACTER,
+            ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        ] {
+            assert!(is_the_values_own(&DbError::new(own, "x")), "{own:?}");
+        }
+        for not_own in [
+            ERRCODE_QUERY_CANCELED,
+            ERRCODE_OUT_OF_MEMORY,
+            ERRCODE_INTERNAL_ERROR,
+            ERRCODE_DATA_CORRUPTED,
+            ERRCODE_IO_ERROR,
+        ] {
+            assert!(!is_the_values_own(&DbError::new(not_own, "x")), "{not_own:?}");
+        }
+    }
 }
