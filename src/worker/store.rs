@@ -181,20 +181,29 @@ pub(super) fn stored_size(t: &SpiTupleTable<'_>, ordinal: usize) -> Result<usize
     })
 }
 
-/// The current row as a message; why not, if one of its texts cannot be read as UTF-8.
+/// The current row as a message; why not, if one of its texts cannot be read as UTF-8. An
+/// error that is not about the value itself (see [`utf8_text`]) is raised again, naming the
+/// row, and fails the round.
 pub(super) fn read_message(
     t: &SpiTupleTable<'_>,
     row_id: i64,
     attempts: i32,
 ) -> Result<OutboxMessage, String> {
-    let text = |ordinal: usize, what: &str| -> Result<Option<String>, String> {
+    let read = |ordinal: usize, what: &str, jsonb: bool| -> Result<Option<String>, String> {
         let datum = t.get_datum_by_ordinal(ordinal).map_err(|e| e.to_string())?;
-        datum.map(|d| utf8_text(d, false).map_err(|e| format!("{what}: {e}"))).transpose()
+        datum
+            .map(|d| match utf8_text(d, jsonb) {
+                Ok(text) => Ok(text),
+                Err(ValueError::Own(e)) => Err(format!("{what}: {e}")),
+                Err(ValueError::Other(e)) => {
+                    let message = format!("reading the {what} of outbox row {row_id}: {}", e.message);
+                    pgrx::ereport!(ERROR, e.code, message);
+                }
+            })
+            .transpose()
     };
-    let json = |ordinal: usize, what: &str| -> Result<Option<String>, String> {
-        let datum = t.get_datum_by_ordinal(ordinal).map_err(|e| e.to_string())?;
-        datum.map(|d| utf8_text(d, true).map_err(|e| format!("{what}: {e}"))).transpose()
-    };
+    let text = |ordinal: usize, what: &str| read(ordinal, what, false);
+    let json = |ordinal: usize, what: &str| read(ordinal, what, true);
     Ok(OutboxMessage {
         row_id,
         message_id: text(3, "message_id")?.unwrap_or_default(),
@@ -210,13 +219,21 @@ pub(super) fn read_message(
     })
 }
 
+/// Why a value could not be read.
+enum ValueError {
+    /// The value's own: converting it again would fail again. Its row is dead-lettered.
+    Own(String),
+    /// Anything else: says nothing about the row.
+    Other(DbError),
+}
+
 /// A text (or, with `jsonb`, a jsonb value's text) as UTF-8. A data error of one value (class
-/// 22: it cannot be converted; class 54: it is too long to convert) is that row's problem only:
-/// it is caught here, not left to abort the round, and the row is dead-lettered. Any other
-/// error (a cancel, a statement timeout, out of memory, an I/O error reading its TOAST) says
-/// nothing about the row: it aborts the round, which is tried again after the back-off, so
-/// that an event the broker may already hold is never dead-lettered for it.
-fn utf8_text(datum: pg_sys::Datum, jsonb: bool) -> Result<String, String> {
+/// 22: it cannot be converted; class 54: it is too long to convert) is that row's problem only,
+/// and the row is dead-lettered. Any other error (a cancel, a statement timeout, out of memory,
+/// an I/O error reading its TOAST) says nothing about the row: it fails the round, which is
+/// tried again after a pause, so that an event the broker may already hold is never
+/// dead-lettered for it.
+fn utf8_text(datum: pg_sys::Datum, jsonb: bool) -> Result<String, ValueError> {
     PgTryBuilder::new(|| {
         let bytes: &[u8] = if jsonb {
             // SAFETY: a jsonb datum; jsonb_out returns its text in the current memory context.
@@ -227,19 +244,19 @@ fn utf8_text(datum: pg_sys::Datum, jsonb: bool) -> Result<String, String> {
             // SAFETY: a text datum of the current row.
             unsafe { encoding::varlena_bytes(datum) }
         };
-        encoding::to_utf8(bytes).map(|s| s.into_owned()).map_err(|e| e.0)
+        encoding::to_utf8(bytes).map(|s| s.into_owned()).map_err(|e| ValueError::Own(e.0))
     })
     .catch_others(|e| {
-        let report = match &e {
-            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
-            CaughtError::RustPanic { ereport, .. } => ereport,
+        let (report, panicked) = match &e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => (r, false),
+            CaughtError::RustPanic { ereport, .. } => (ereport, true),
         };
         let error = DbError::new(report.sql_error_code(), report.message());
-        if is_the_values_own(&error) && !matches!(e, CaughtError::RustPanic { .. }) {
-            Err(error.message)
+        Err(if is_the_values_own(&error) && !panicked {
+            ValueError::Own(error.message)
         } else {
-            e.rethrow()
-        }
+            ValueError::Other(error)
+        })
     })
     .execute()
 }
