@@ -176,7 +176,7 @@ fn db_step(
 ) -> Result<Step, DbError> {
     let ledger = &w.ledger;
     let expected = ledger.generation();
-    let floor_value = w.floor.value();
+    let floor_value = w.floor.amqp();
     let wait_for_standbys = w.settings.wait_for_sync_standbys;
     txn::in_transaction(AssertUnwindSafe(|| {
         let generation = match table::table()? {
