@@ -426,3 +426,54 @@ fn bad_stream_url_is_refused_when_set() {
     admin.batch_execute(&format!("ALTER SYSTEM SET outbox.stream_url = {STREAM_URL}")).unwrap();
     admin.batch_execute("ALTER SYSTEM RESET outbox.stream_url").unwrap();
 }
+
+/// In a LATIN1 database a stream's name is stored in LATIN1 but the broker knows it in UTF-8:
+/// the worker converts it both ways (finding its events, giving ids, recovering its producer
+/// after a restart), so a name outside ASCII works like any other.
+#[test]
+fn a_latin1_database_publishes_to_a_stream_named_outside_ascii() {
+    let _alone = exclusive();
+    let cluster = Cluster::start_with_database(
+        &[("outbox.stream_url", STREAM_URL), ("outbox.reconnect_backoff_max", "'500ms'")],
+        "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    );
+    let broker = Broker::connect();
+    let stream = OwnStream { name: unique("café-stream") };
+    broker.declare_stream(&stream);
+    let exchange = stream_exchange(&stream);
+    let mut db = cluster.client();
+    let mut ids = vec![publish(&mut db, "Première", &exchange)];
+    // Written around outbox.publish: found and converted by the worker too.
+    ids.push(
+        db.query_one(
+            "INSERT INTO outbox.messages (message_id, event_type, payload, exchange)
+             VALUES (gen_random_uuid(), 'Façade', '{\"ß\": \"ÿ\"}', $1) RETURNING message_id",
+            &[&exchange],
+        )
+        .unwrap()
+        .get(0),
+    );
+    cluster.wait_drained(WITHIN);
+    let producer = producer_name(DB, &stream);
+    wait_until(Duration::from_secs(30), "the broker to list the worker's producer", || {
+        stream_publishers(&stream).contains(&producer).then_some(())
+    });
+    // After a restart the producer is recovered under the same name, and its ids go on.
+    cluster.restart();
+    ids.push(publish(&mut cluster.client(), "Après", &exchange));
+    cluster.wait_drained(WITHIN);
+    let got = broker.consume_stream(&stream).settle(3, WITHIN, QUIET);
+    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), ids, "each once, in order");
+    assert_eq!(got[1].header("event_type"), Some("Façade"));
+    assert_eq!(got[1].json(), serde_json::json!({"ß": "ÿ"}));
+    let producers: Vec<String> = cluster
+        .client()
+        .query("SELECT stream FROM outbox.stream_producers", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(producers, vec![stream.to_string()], "one producer row, its name converted back");
+    let log = cluster.log();
+    assert!(!log.contains("internal error in the worker"), "{log}");
+}

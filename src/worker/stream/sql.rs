@@ -2,10 +2,18 @@
 //! `txn`, with the pinned `search_path`, schema-qualified names, and plans kept per worker
 //! (`store::run`). Every statement reads by one of the two partial indexes of sql/stream.sql,
 //! so events waiting for one stream cost nothing to the reads of another, or of the AMQP path's.
+//!
+//! Stream and database names cross as bytes: in a database that is not UTF-8 (LATIN1, say) a
+//! name like `stream:café` is stored in the database's encoding, but the broker and the
+//! worker's maps know it in UTF-8. Names come out in the database's encoding, unconverted
+//! (`convert_to` to that same encoding), and become UTF-8 in the worker as any text it reads
+//! ([`encoding::to_utf8`]); they go in as UTF-8, converted by `convert_from`.
 
 use super::super::ledger::ReadRow;
 use super::super::store::{self, run};
 use super::super::txn::DbError;
+use crate::encoding;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
 /// Ids are never reused, even by a link of an earlier install whose last messages the broker may
@@ -23,7 +31,8 @@ WITH RECURSIVE s(exchange) AS (
              WHERE m.exchange LIKE 'stream:%' AND m.stream_seq IS NULL AND m.exchange > s.exchange
              ORDER BY m.exchange LIMIT 1)
       FROM s WHERE s.exchange IS NOT NULL)
-SELECT exchange FROM s WHERE exchange IS NOT NULL LIMIT $1";
+SELECT pg_catalog.convert_to(exchange, pg_catalog.getdatabaseencoding())
+  FROM s WHERE exchange IS NOT NULL LIMIT $1";
 
 /// The streams that have events with an id (after a restart, these are sent first).
 const STREAMS_ASSIGNED: &str = "\
@@ -36,19 +45,23 @@ WITH RECURSIVE s(exchange) AS (
              WHERE m.stream_seq IS NOT NULL AND m.exchange > s.exchange
              ORDER BY m.exchange LIMIT 1)
       FROM s WHERE s.exchange IS NOT NULL)
-SELECT exchange FROM s WHERE exchange IS NOT NULL LIMIT $1";
+SELECT pg_catalog.convert_to(exchange, pg_catalog.getdatabaseencoding())
+  FROM s WHERE exchange IS NOT NULL LIMIT $1";
 
 /// A stream's next events without an id above the floor, in row order (within an aggregate,
 /// commit order).
 const UNASSIGNED: &str = "\
 SELECT m.id FROM outbox.messages m
- WHERE m.exchange = $1 AND m.exchange LIKE 'stream:%' AND m.stream_seq IS NULL AND m.id > $2
+ WHERE m.exchange = pg_catalog.convert_from($1, 'UTF8') AND m.exchange LIKE 'stream:%'
+   AND m.stream_seq IS NULL AND m.id > $2
  ORDER BY m.exchange, m.id
  LIMIT $3";
 
 /// Takes `$2` ids for stream `$1`; the new ones are `last_seq - $2 + 1 ..= last_seq`.
 const TAKE_IDS: &str = "\
-UPDATE outbox.stream_producers SET last_seq = last_seq + $2 WHERE stream = $1 RETURNING last_seq";
+UPDATE outbox.stream_producers SET last_seq = last_seq + $2
+ WHERE stream = pg_catalog.convert_from($1, 'UTF8')
+RETURNING last_seq";
 
 /// Gives rows their ids. A row that was waiting for a retry of the AMQP path (written for a
 /// `stream:` exchange before 0.4.0) waits no more.
@@ -60,7 +73,8 @@ UPDATE outbox.messages m
 
 /// After a (re)connect: ids go on above what the broker stored for the producer.
 const RECOVER_PRODUCER: &str = "\
-INSERT INTO outbox.stream_producers AS p (stream, last_seq) VALUES ($1, $2 + $3)
+INSERT INTO outbox.stream_producers AS p (stream, last_seq)
+VALUES (pg_catalog.convert_from($1, 'UTF8'), $2 + $3)
 ON CONFLICT (stream) DO UPDATE SET last_seq = greatest(p.last_seq, $2)";
 
 /// The stream's events that have an id above `$2`, in id order: the order they are sent in.
@@ -70,15 +84,35 @@ SELECT m.id, m.xmin, m.message_id::text, m.event_type, m.payload, m.aggregate_ty
        CASE WHEN isfinite(m.created_at) THEN extract(epoch FROM m.created_at)::int8 END, m.attempts,
        m.created_at, m.stream_seq
   FROM outbox.messages m
- WHERE m.exchange = $1 AND m.stream_seq IS NOT NULL AND m.stream_seq > $2
+ WHERE m.exchange = pg_catalog.convert_from($1, 'UTF8') AND m.stream_seq IS NOT NULL
+   AND m.stream_seq > $2
  ORDER BY m.exchange, m.stream_seq
  LIMIT $3";
 
-const DATABASE: &str = "SELECT pg_catalog.current_database()::text";
+const DATABASE: &str =
+    "SELECT pg_catalog.convert_to(pg_catalog.current_database()::text, pg_catalog.getdatabaseencoding())";
 
-/// The database's name.
+/// A name as a parameter: its UTF-8 bytes, which the statement converts to the database's
+/// encoding.
+fn utf8(name: &str) -> DatumWithOid<'static> {
+    name.as_bytes().to_vec().into()
+}
+
+/// A name read in the database's encoding, as UTF-8; `None` if it cannot be (only in an
+/// `SQL_ASCII` database, for bytes that are not UTF-8).
+fn from_database(bytes: &[u8]) -> Option<String> {
+    encoding::to_utf8(bytes).ok().map(|name| name.into_owned())
+}
+
+/// The database's name (in an `SQL_ASCII` database, bytes that are not UTF-8 become U+FFFD:
+/// the producer's name only needs to stay the same).
 pub fn database() -> Result<String, DbError> {
-    Spi::connect_mut(|c| run(c, DATABASE, &[], |t| Ok(t.first().get::<String>(1)?.unwrap_or_default())))
+    Spi::connect_mut(|c| {
+        run(c, DATABASE, &[], |t| {
+            let bytes = t.first().get::<Vec<u8>>(1)?.unwrap_or_default();
+            Ok(from_database(&bytes).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()))
+        })
+    })
 }
 
 /// The exchanges (`stream:<name>`) of the streams that have events waiting, at most `limit` of
@@ -89,7 +123,10 @@ pub fn streams(limit: usize) -> Result<Vec<String>, DbError> {
         for sql in [STREAMS_UNASSIGNED, STREAMS_ASSIGNED] {
             run(c, sql, &[(limit as i64).into()], |t| {
                 for row in t {
-                    found.extend(row.get::<String>(1)?);
+                    // Only in an `SQL_ASCII` database, and only for a row written around
+                    // `outbox.publish` (which refuses such names), can a name not be UTF-8:
+                    // no broker could take it, and its events wait.
+                    found.extend(row.get::<Vec<u8>>(1)?.and_then(|bytes| from_database(&bytes)));
                 }
                 Ok(())
             })?;
@@ -103,7 +140,7 @@ pub fn streams(limit: usize) -> Result<Vec<String>, DbError> {
 
 /// Up to `limit` events of `exchange` without an id, above `floor`, in row order.
 pub fn unassigned(exchange: &str, floor: i64, limit: usize) -> Result<Vec<i64>, DbError> {
-    let args = [exchange.into(), floor.into(), (limit as i64).into()];
+    let args = [utf8(exchange), floor.into(), (limit as i64).into()];
     Spi::connect_mut(|c| {
         run(c, UNASSIGNED, &args, |t| {
             let mut ids = Vec::new();
@@ -124,7 +161,7 @@ pub fn assign(stream: &str, rows: &[i64]) -> Result<bool, DbError> {
     }
     Spi::connect_mut(|c| {
         let n = rows.len() as i64;
-        let last = run(c, TAKE_IDS, &[stream.into(), n.into()], |t| {
+        let last = run(c, TAKE_IDS, &[utf8(stream), n.into()], |t| {
             Ok(if t.is_empty() { None } else { t.first().get::<i64>(1)? })
         })?;
         let Some(last) = last else { return Ok(false) };
@@ -139,7 +176,7 @@ pub fn assign(stream: &str, rows: &[i64]) -> Result<bool, DbError> {
 pub fn recover(stream: &str, stored: u64) -> Result<(), DbError> {
     let stored = stored.min((i64::MAX - FIRST_GAP) as u64) as i64;
     Spi::connect_mut(|c| {
-        run(c, RECOVER_PRODUCER, &[stream.into(), stored.into(), FIRST_GAP.into()], |_| Ok(()))
+        run(c, RECOVER_PRODUCER, &[utf8(stream), stored.into(), FIRST_GAP.into()], |_| Ok(()))
     })
 }
 
@@ -153,7 +190,7 @@ pub struct Assigned {
 pub fn assigned(exchange: &str, after: u64, limit: usize) -> Result<Vec<Assigned>, DbError> {
     let after = after.min(i64::MAX as u64) as i64;
     Spi::connect_mut(|c| {
-        run(c, ASSIGNED, &[exchange.into(), after.into(), (limit as i64).into()], |mut t| {
+        run(c, ASSIGNED, &[utf8(exchange), after.into(), (limit as i64).into()], |mut t| {
             let mut rows = Vec::new();
             while t.next().is_some() {
                 let row_id = t.get::<i64>(1)?.unwrap_or_default();
