@@ -148,7 +148,7 @@ fn events_waiting_for_a_stream_are_not_walked_by_every_amqp_read() {
     .unwrap();
     let before = primary_key_entries_read(&cluster);
     // One event at a time, each delivered before the next: a read (or more) per event.
-    let events: usize = 60;
+    let events: usize = 100;
     for n in 1..=events {
         db.execute("SELECT outbox.publish('Flowing', '{}', exchange => $1)", &[&exchange.name]).unwrap();
         consumer.wait_for(n, Duration::from_secs(30));
@@ -165,7 +165,7 @@ fn events_waiting_for_a_stream_are_not_walked_by_every_amqp_read() {
     });
     let read = primary_key_entries_read(&cluster) - before;
     println!("{events} AMQP events past {waiting} waiting for a stream: {read} primary key entries read");
-    // Walking them on every read would be at least `events` times `waiting` (1,200,000). The
+    // Walking them on every read would be at least `events` times `waiting` (2,000,000). The
     // floor steps over them a few times only: the reads before it first moved, its own first
     // move, and once or twice more if it starts over (every minute).
     assert!(read < events as i64 * waiting as i64 / 4, "{read} entries read for {events} events");
