@@ -106,3 +106,62 @@ pub fn after_idle_and_flow(sizes: &Sizes, idle: Duration, plain: Option<f64>) ->
     broker.delete_exchange(&exchange);
     rows
 }
+
+/// Primary-key index entries read from the outbox so far (every process; the worker reports
+/// its counts at most once a second).
+fn primary_key_entries_read(cluster: &Cluster) -> i64 {
+    let sql = "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'messages_pkey'";
+    cluster.client().query_one(sql, &[]).unwrap().get(0)
+}
+
+/// A burst for an exchange, drained on a cluster where `waiting` events for a stream wait below
+/// it (`outbox.stream_url` is not set): the rate, and primary-key entries read per event.
+fn burst_past(broker: &Broker, exchange: &str, count: u64, waiting: u64) -> (f64, f64) {
+    let queue = bounded_queue(broker, exchange);
+    let cluster = connected_cluster();
+    if waiting > 0 {
+        write_backlog(&cluster, "stream:nowhere", waiting);
+    }
+    let before = published_total(&cluster);
+    let read_before = primary_key_entries_read(&cluster);
+    let committed = write_in_one_transaction(&cluster, exchange, count);
+    wait_until(Duration::from_secs(1800), "the burst to drain", || {
+        (published_total(&cluster) - before >= count as i64).then_some(())
+    });
+    let rate = count as f64 / committed.elapsed().as_secs_f64();
+    // The worker's counts arrive within a second or so; its deletes tell when they did.
+    wait_until(Duration::from_secs(30), "the worker's statistics", || {
+        let sql = "SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass";
+        let deleted: i64 = cluster.client().query_one(sql, &[]).unwrap().get(0);
+        (deleted >= count as i64).then_some(())
+    });
+    let read = (primary_key_entries_read(&cluster) - read_before) as f64 / count as f64;
+    broker.delete_queue(&queue);
+    (rate, read)
+}
+
+/// The AMQP path past events that wait for a stream, beside the same burst with none waiting.
+pub fn past_waiting_stream_events(sizes: &Sizes) -> Vec<Row> {
+    let broker = Broker::connect();
+    let exchange = unique("bench.floor");
+    broker.exchange(&exchange);
+    let (count, waiting) = (sizes.hot, sizes.backlog);
+    progress(&format!("a burst of {count} events, none waiting for a stream"));
+    let (alone, alone_read) = burst_past(&broker, &exchange, count, 0);
+    progress(&format!("  {alone:.0} events/s; {alone_read:.1} primary-key entries read per event"));
+    progress(&format!("the same burst with {waiting} events waiting for a stream below it"));
+    let (past, past_read) = burst_past(&broker, &exchange, count, waiting);
+    progress(&format!("  {past:.0} events/s; {past_read:.1} primary-key entries read per event"));
+    broker.delete_exchange(&exchange);
+    vec![Row {
+        figure: format!(
+            "relay: burst of {count} events with {waiting} events waiting for a stream below them \
+             ({past_read:.1} primary-key entries read per event, {alone_read:.1} with none waiting)"
+        ),
+        value: format!("{past:.0} events/s"),
+        baseline: format!("{alone:.0} events/s, the same burst with none waiting"),
+        ratio: Some(past / alone),
+        target: "like none waiting".into(),
+        met: Some(past >= 0.9 * alone),
+    }]
+}

@@ -68,7 +68,7 @@ fn table(rows: &[Row]) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick { relay::Sizes::quick() } else { relay::Sizes::full() };
-    // `--only relay,burst,latency,write,naive,tls,capture,headers,metrics,publishers,inbox,stream` runs some
+    // `--only relay,burst,floor,latency,write,naive,tls,capture,headers,metrics,publishers,inbox,stream` runs some
     // parts.
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
     let run = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p == part));
@@ -84,6 +84,9 @@ fn main() {
     if run("burst") {
         let idle = std::time::Duration::from_secs(if quick { 10 } else { 60 });
         rows.extend(burst::after_idle_and_flow(&sizes, idle, relay_rate));
+    }
+    if run("floor") {
+        rows.extend(burst::past_waiting_stream_events(&sizes));
     }
     if run("latency") {
         rows.extend(latency::latency(seconds));
