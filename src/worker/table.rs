@@ -66,8 +66,15 @@ pub fn table() -> Result<Table, DbError> {
     if messages_relid() != Some(relid) {
         return Ok(Table::Busy);
     }
-    let sequence = relid_in_outbox(c"messages_id_seq").and_then(relfilenode);
-    Ok(sequence.map_or(Table::Missing, |sequence_file| {
+    let Some(sequence) = relid_in_outbox(c"messages_id_seq") else { return Ok(Table::Missing) };
+    // The round reads the sequence too (the floor): its lock is taken without waiting as well.
+    // Waiting for it while holding the table's would deadlock with `DROP EXTENSION`, which
+    // locks the sequence before the table.
+    // SAFETY: a conditional lock inside a transaction, released at its end.
+    if !unsafe { pg_sys::ConditionalLockRelationOid(sequence, pg_sys::AccessShareLock as pg_sys::LOCKMODE) } {
+        return Ok(Table::Busy);
+    }
+    Ok(relfilenode(sequence).map_or(Table::Missing, |sequence_file| {
         Table::Ready(Generation { relid: relid.to_u32(), sequence_file })
     }))
 }

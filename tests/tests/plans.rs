@@ -45,6 +45,20 @@ fn worker_plans_scanning_the_outbox(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// The worker sends its statistics at most once a second: waits until they count `n` deletes.
+fn wait_for_deletes_counted(db: &mut postgres::Client, n: i64) {
+    wait_until(Duration::from_secs(30), "the worker's statistics", || {
+        let deleted: i64 = db
+            .query_one(
+                "SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (deleted >= n).then_some(())
+    });
+}
+
 fn published(cluster: &Cluster) -> i64 {
     cluster.client().query_one("SELECT published_total FROM outbox.worker_status()", &[]).unwrap().get(0)
 }
@@ -102,17 +116,7 @@ fn burst_after_an_idle_spell(to_stream: bool) {
     wait_until(Duration::from_secs(300), "the burst to drain", || {
         (published(&cluster) >= 10 + burst as i64).then_some(())
     });
-    // The worker sends its statistics at most once a second: wait until they count its deletes.
-    wait_until(Duration::from_secs(30), "the worker's statistics", || {
-        let deleted: i64 = db
-            .query_one(
-                "SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (deleted >= 10 + burst as i64).then_some(())
-    });
+    wait_for_deletes_counted(&mut db, 10 + burst as i64);
     let scanning = worker_plans_scanning_the_outbox(&cluster.log());
     assert!(scanning.is_empty(), "plans that scan the outbox:\n{}", scanning.join("\n---\n"));
     assert_eq!(rows_read_sequentially(&cluster), read_before, "rows read by sequential scans");
@@ -153,16 +157,7 @@ fn events_waiting_for_a_stream_are_not_walked_by_every_amqp_read() {
         db.execute("SELECT outbox.publish('Flowing', '{}', exchange => $1)", &[&exchange.name]).unwrap();
         consumer.wait_for(n, Duration::from_secs(30));
     }
-    wait_until(Duration::from_secs(30), "the worker's statistics", || {
-        let deleted: i64 = db
-            .query_one(
-                "SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (deleted >= events as i64).then_some(())
-    });
+    wait_for_deletes_counted(&mut db, events as i64);
     let read = primary_key_entries_read(&cluster) - before;
     println!("{events} AMQP events past {waiting} waiting for a stream: {read} primary key entries read");
     // Walking them on every read would be at least `events` times `waiting` (2,000,000). The
