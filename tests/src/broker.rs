@@ -183,6 +183,8 @@ pub fn dedup(deliveries: &[Delivery]) -> (HashMap<String, usize>, usize) {
 pub struct Broker {
     pub rt: Runtime,
     pub(crate) connection: Connection,
+    /// The node's plain AMQP port, for connections of their own (see [`Broker::declare_stream`]).
+    pub(crate) port: u16,
 }
 
 impl Drop for Broker {
@@ -194,6 +196,19 @@ impl Drop for Broker {
     }
 }
 
+/// A new connection to the node listening on `port`, waiting up to a minute for it to accept.
+pub(crate) async fn open_connection(port: u16) -> Connection {
+    let args = OpenConnectionArguments::new("127.0.0.1", port, "guest", "guest");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match Connection::open(&args).await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(e) => panic!("RabbitMQ is not reachable on 127.0.0.1:{port}: {e}"),
+        }
+    }
+}
+
 impl Broker {
     pub fn connect() -> Broker {
         Broker::connect_to(AMQP_PORT)
@@ -202,21 +217,8 @@ impl Broker {
     /// The broker (node) whose plain AMQP listener is on `port` of 127.0.0.1.
     pub fn connect_to(port: u16) -> Broker {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let connection = rt.block_on(async {
-            let args = OpenConnectionArguments::new("127.0.0.1", port, "guest", "guest");
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                match Connection::open(&args).await {
-                    Ok(c) => break c,
-                    Err(e) if Instant::now() < deadline => {
-                        let _ = e;
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                    Err(e) => panic!("RabbitMQ is not reachable on 127.0.0.1:{port}: {e}"),
-                }
-            }
-        });
-        Broker { rt, connection }
+        let connection = rt.block_on(open_connection(port));
+        Broker { rt, connection, port }
     }
 
     /// Runs `f` on a channel of its own, closed afterwards.
@@ -271,9 +273,13 @@ impl Broker {
         queue
     }
 
+    /// Best effort (it runs in `Drop`, also while a failed test unwinds): never panics.
     pub fn delete_exchange(&self, name: &str) {
-        self.on_channel(async |ch| {
-            let _ = ch.exchange_delete(ExchangeDeleteArguments::new(name)).await;
+        self.rt.block_on(async {
+            if let Ok(ch) = self.connection.open_channel(None).await {
+                let _ = ch.exchange_delete(ExchangeDeleteArguments::new(name)).await;
+                let _ = ch.close().await;
+            }
         });
     }
 
@@ -316,9 +322,13 @@ impl Broker {
         }
     }
 
+    /// Best effort (it runs in `Drop`, also while a failed test unwinds): never panics.
     pub fn delete_queue(&self, queue: &str) {
-        self.on_channel(async |ch| {
-            let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
+        self.rt.block_on(async {
+            if let Ok(ch) = self.connection.open_channel(None).await {
+                let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
+                let _ = ch.close().await;
+            }
         });
     }
 }

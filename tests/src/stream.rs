@@ -2,7 +2,7 @@
 //! only), reading one whole from its first offset over AMQP 0-9-1, the stream protocol's port,
 //! and the publishers the broker sees.
 
-use crate::broker::{delivery, unique, Broker, Consumer, AMQP_PORT};
+use crate::broker::{delivery, open_connection, unique, Broker, Consumer, AMQP_PORT};
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, QueueDeclareArguments,
 };
@@ -58,20 +58,27 @@ impl Broker {
     pub fn declare_stream(&self, name: &str) {
         let mut arguments = FieldTable::new();
         arguments.insert("x-queue-type".try_into().unwrap(), FieldValue::S("stream".try_into().unwrap()));
-        // Right after a broker restart (a fault test before this one) the stream coordinator
-        // may not take declarations yet: the broker closes the channel. Try again for a while.
+        // Right after a broker restart (a fault test before this one), or on a busy machine,
+        // the stream coordinator may not take declarations yet. The broker answers with
+        // `internal_error`, a hard error that closes the whole connection: so each try opens a
+        // connection of its own, and this broker's own stays usable.
         self.rt.block_on(async {
-            for attempt in 1..=30 {
-                let ch = self.connection.open_channel(None).await.unwrap();
-                let args =
-                    QueueDeclareArguments::new(name).durable(true).arguments(arguments.clone()).finish();
-                match ch.queue_declare(args).await {
-                    Ok(_) => {
-                        let _ = ch.close().await;
-                        return;
-                    }
-                    Err(e) if attempt == 30 => panic!("declaring stream {name}: {e}"),
-                    Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let connection = open_connection(self.port).await;
+                let declared: Result<(), amqprs::error::Error> = async {
+                    let ch = connection.open_channel(None).await?;
+                    let args =
+                        QueueDeclareArguments::new(name).durable(true).arguments(arguments.clone()).finish();
+                    ch.queue_declare(args).await?;
+                    ch.close().await
+                }
+                .await;
+                let _ = connection.close().await;
+                match declared {
+                    Ok(()) => return,
+                    Err(e) if Instant::now() > deadline => panic!("declaring stream {name}: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
                 }
             }
         });

@@ -32,22 +32,25 @@ pub fn declare_stream(name: &str) {
     let mut args = FieldTable::new();
     args.insert("x-queue-type".try_into().unwrap(), FieldValue::S("stream".try_into().unwrap()));
     runtime().block_on(async {
-        let connection = connect().await;
         // Right after the stream plugin is enabled the stream coordinator may not take
-        // declarations yet: the broker closes the channel. Try again for a while.
+        // declarations yet: the broker answers with `internal_error`, which closes the whole
+        // connection. Try again, on a new connection each time, for a while.
         for attempt in 1..=60 {
-            let channel = connection.open_channel(None).await.unwrap();
-            let declare = QueueDeclareArguments::new(name).durable(true).arguments(args.clone()).finish();
-            match channel.queue_declare(declare).await {
-                Ok(_) => {
-                    channel.close().await.ok();
-                    break;
-                }
+            let connection = connect().await;
+            let declared: Result<(), amqprs::error::Error> = async {
+                let channel = connection.open_channel(None).await?;
+                let declare = QueueDeclareArguments::new(name).durable(true).arguments(args.clone()).finish();
+                channel.queue_declare(declare).await?;
+                channel.close().await
+            }
+            .await;
+            connection.close().await.ok();
+            match declared {
+                Ok(()) => break,
                 Err(e) if attempt == 60 => panic!("declaring stream {name}: {e}"),
                 Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
             }
         }
-        connection.close().await.ok();
     });
 }
 
