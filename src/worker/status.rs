@@ -34,6 +34,9 @@ const DISTINCT_FAILURES_LOGGED: usize = 100;
 
 pub struct Status {
     db: DbState,
+    /// The stream path's last transaction error, while it fails (its state is its own: the
+    /// AMQP path's rounds do not make it worth a new log line).
+    stream_db: Option<DbError>,
     broker: BrokerState,
     failures_logged: HashSet<String>,
     housekeeping_logged: HashSet<String>,
@@ -59,6 +62,7 @@ impl Status {
         });
         Status {
             db: DbState::Ready,
+            stream_db: None,
             broker: BrokerState::Unknown,
             failures_logged: HashSet::new(),
             housekeeping_logged: HashSet::new(),
@@ -159,6 +163,26 @@ impl Status {
         });
         if state != DbState::Busy {
             self.db = state;
+        }
+    }
+
+    /// The stream path's transaction failed: logged once per distinct error until it succeeds,
+    /// and shown in `outbox.stats`.
+    pub fn stream_db_failed(&mut self, e: DbError) {
+        if self.stream_db.as_ref() != Some(&e) {
+            warning!("pg_outbox: the stream path's database step failed, retrying: {e}");
+        }
+        let at = now();
+        shmem::update_status(|s| {
+            s.set_error(&e.to_string(), &format!("database step failed (SQLSTATE {})", e.sqlstate()), at)
+        });
+        self.stream_db = Some(e);
+    }
+
+    /// The stream path's transaction succeeded.
+    pub fn stream_db_ok(&mut self) {
+        if self.stream_db.take().is_some() {
+            log!("pg_outbox: the stream path's database step succeeds again");
         }
     }
 

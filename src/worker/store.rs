@@ -8,7 +8,7 @@
 //! other. Both checks use a small partial index that only holds retrying rows.
 
 use super::ledger::{Failure, Outcomes, ReadRow};
-use super::table::Generation;
+use super::table::{self, Generation, Written};
 use super::txn::DbError;
 use crate::encoding;
 use pg_outbox_core::message::OutboxMessage;
@@ -286,6 +286,7 @@ pub fn record_outcomes(outcomes: &Outcomes) -> Result<(), DbError> {
             run(c, RECORD_FAILURES, &[ids.into(), delays.into(), errors(&retries)], |_| Ok(()))?;
         }
         if !dead.is_empty() {
+            table::lock_to_write(Written::DeadLetters)?;
             let ids: Vec<i64> = dead.iter().map(|f| f.row_id).collect();
             run(c, DEAD_LETTER, &[ids.into(), errors(&dead)], |_| Ok(()))?;
         }

@@ -1,9 +1,10 @@
 //! Which outbox the worker is looking at: whether the extension is there at this library's
-//! version, the lock a round needs (taken without waiting), and the table's *generation*.
+//! version, the locks a round needs (taken without waiting), and the table's *generation*.
 
 use super::store::run;
 use super::txn::DbError;
 use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
@@ -58,8 +59,7 @@ pub fn table() -> Result<Table, DbError> {
         return Ok(version.map_or(Table::Missing, Table::OtherVersion));
     }
     let Some(relid) = messages_relid() else { return Ok(Table::Missing) };
-    // SAFETY: a conditional lock inside a transaction, released at its end.
-    if !unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) } {
+    if !lock_without_waiting(relid, pg_sys::RowExclusiveLock) {
         return Ok(Table::Busy);
     }
     // Under the lock, the name still means this table (locking processed invalidations).
@@ -70,13 +70,52 @@ pub fn table() -> Result<Table, DbError> {
     // The round reads the sequence too (the floor): its lock is taken without waiting as well.
     // Waiting for it while holding the table's would deadlock with `DROP EXTENSION`, which
     // locks the sequence before the table.
-    // SAFETY: a conditional lock inside a transaction, released at its end.
-    if !unsafe { pg_sys::ConditionalLockRelationOid(sequence, pg_sys::AccessShareLock as pg_sys::LOCKMODE) } {
+    if !lock_without_waiting(sequence, pg_sys::AccessShareLock) {
         return Ok(Table::Busy);
     }
     Ok(relfilenode(sequence).map_or(Table::Missing, |sequence_file| {
         Table::Ready(Generation { relid: relid.to_u32(), sequence_file })
     }))
+}
+
+/// A table a round writes only now and then, besides `outbox.messages`.
+#[derive(Debug, Clone, Copy)]
+pub enum Written {
+    /// `outbox.dead_letters`: when an event has failed for the last time.
+    DeadLetters,
+    /// `outbox.stream_producers`: when a stream's events are given ids, or its producer recovers.
+    StreamProducers,
+}
+
+/// Takes the lock to write `table`, in a transaction that found the outbox [`Table::Ready`],
+/// without waiting for it: a round that waited while holding the outbox's locks could deadlock
+/// with `DROP EXTENSION`, which locks the extension's tables in an order of its own. A session
+/// that holds a conflicting lock fails the round instead (55P03), which is tried again.
+pub fn lock_to_write(table: Written) -> Result<(), DbError> {
+    let name = match table {
+        Written::DeadLetters => c"dead_letters",
+        Written::StreamProducers => c"stream_producers",
+    };
+    let shown = name.to_string_lossy();
+    let Some(relid) = relid_in_outbox(name) else {
+        return Err(DbError::new(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("outbox.{shown} is missing"),
+        ));
+    };
+    if !lock_without_waiting(relid, pg_sys::RowExclusiveLock) {
+        return Err(DbError::new(
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            format!("outbox.{shown} is locked by another session"),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes `mode` on `relid` for the rest of the transaction if no one holds a conflicting lock.
+fn lock_without_waiting(relid: pg_sys::Oid, mode: u32) -> bool {
+    // SAFETY: a conditional lock inside a transaction, released at its end.
+    unsafe { pg_sys::ConditionalLockRelationOid(relid, mode as pg_sys::LOCKMODE) }
 }
 
 fn extension_version(extension: pg_sys::Oid) -> Result<Option<String>, DbError> {

@@ -148,12 +148,32 @@ fn a_latin1_database_publishes_utf8() {
     assert_eq!(err.code(), Some(&postgres::error::SqlState::STRING_DATA_RIGHT_TRUNCATION), "{err}");
 }
 
+/// A cluster whose served database is SQL_ASCII: it takes bytes that are not UTF-8.
+fn sql_ascii_cluster() -> Cluster {
+    Cluster::start_with_database(&[], "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+}
+
+/// A row for `exchange` whose event type cannot be read as UTF-8, written around
+/// `outbox.publish`: the worker dead-letters it at once.
+fn insert_unreadable_row(db: &mut Client, exchange: &str) {
+    db.execute(
+        "INSERT INTO outbox.messages (message_id, event_type, payload, exchange)
+         VALUES (gen_random_uuid(), convert_from('\\xff'::bytea, 'SQL_ASCII'), '{}', $1)",
+        &[&exchange],
+    )
+    .unwrap();
+}
+
+fn wait_for_the_unreadable_row_dead_lettered(db: &mut Client) {
+    let dead: String = wait_until(WITHIN, "the unreadable row dead-lettered", || {
+        db.query_opt("SELECT last_error FROM outbox.dead_letters", &[]).unwrap().map(|r| r.get(0))
+    });
+    assert!(dead.starts_with("invalid: event_type"), "{dead}");
+}
+
 #[test]
 fn an_sql_ascii_database_refuses_text_that_is_not_utf8_and_its_worker_goes_on() {
-    let cluster = Cluster::start_with_database(
-        &[],
-        "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
-    );
+    let cluster = sql_ascii_cluster();
     let broker = Broker::connect();
     let exchange = broker.own_exchange();
     let consumer = broker.consume(&exchange, "#");
@@ -167,21 +187,50 @@ fn an_sql_ascii_database_refuses_text_that_is_not_utf8_and_its_worker_goes_on() 
     assert_eq!(err.code(), Some(&postgres::error::SqlState::CHARACTER_NOT_IN_REPERTOIRE), "{err}");
     // A row that cannot be read as UTF-8, written around outbox.publish, between good ones.
     db.execute("SELECT outbox.publish('Before', '{}', exchange => $1)", &[&exchange.name]).unwrap();
-    db.execute(
-        "INSERT INTO outbox.messages (message_id, event_type, payload, exchange)
-         VALUES (gen_random_uuid(), convert_from('\\xff'::bytea, 'SQL_ASCII'), '{}', $1)",
-        &[&exchange.name],
-    )
-    .unwrap();
+    insert_unreadable_row(&mut db, &exchange);
     db.execute("SELECT outbox.publish('After', '{}', exchange => $1)", &[&exchange.name]).unwrap();
     let got = consumer.wait_for(2, WITHIN);
     let types: Vec<_> = got.iter().filter_map(|d| d.message_type.clone()).collect();
     assert_eq!(types, vec!["Before", "After"]);
-    let dead: String = wait_until(WITHIN, "the unreadable row dead-lettered", || {
-        db.query_opt("SELECT last_error FROM outbox.dead_letters", &[]).unwrap().map(|r| r.get(0))
-    });
-    assert!(dead.starts_with("invalid: event_type"), "{dead}");
+    wait_for_the_unreadable_row_dead_lettered(&mut db);
     cluster.wait_drained(WITHIN);
+}
+
+/// `DROP EXTENSION` locks the extension's tables one by one, in an order of its own. A round that
+/// waited for one of them (the dead letters, to record an event's last failure) while holding
+/// the outbox's lock would close a deadlock with it. Here a session does what such a `DROP`
+/// does, the dead letters first and the outbox next: the worker gives way at once (55P03) and
+/// holds nothing, so the session's second lock is granted; once it is gone, the event is
+/// dead-lettered.
+#[test]
+fn a_session_locking_the_dead_letters_then_the_outbox_never_deadlocks_with_the_worker() {
+    let cluster = sql_ascii_cluster();
+    let broker = Broker::connect();
+    let exchange = broker.own_exchange();
+    let consumer = broker.consume(&exchange, "#");
+    let worker = cluster.wait_for_worker();
+    let mut db = cluster.client();
+    let mut holder = cluster.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE outbox.dead_letters IN ACCESS EXCLUSIVE MODE").unwrap();
+    // A row that cannot be read as UTF-8 (its event is dead-lettered at once), and one that can.
+    insert_unreadable_row(&mut db, &exchange);
+    db.execute("SELECT outbox.publish('After', '{}', exchange => $1)", &[&exchange.name]).unwrap();
+    let error: String = wait_until(WITHIN, "the worker giving way to the lock", || {
+        let row = cluster.client().query_one("SELECT last_error FROM outbox.stats", &[]).ok()?;
+        row.get::<_, Option<String>>(0).filter(|e| e.contains("outbox.dead_letters is locked"))
+    });
+    assert!(error.contains("55P03"), "{error}");
+    tx.batch_execute("SET LOCAL lock_timeout = '60s'; LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
+        .unwrap_or_else(|e| panic!("the outbox's lock, after the dead letters': {e}"));
+    tx.rollback().unwrap();
+    wait_for_the_unreadable_row_dead_lettered(&mut db);
+    cluster.wait_drained(WITHIN);
+    let types: Vec<_> = consumer.wait_for(1, WITHIN).iter().filter_map(|d| d.message_type.clone()).collect();
+    assert_eq!(types, vec!["After"]);
+    assert_eq!(cluster.worker_pid(), Some(worker), "the same worker throughout");
+    let log = cluster.log();
+    assert!(!log.contains("deadlock detected"), "{log}");
 }
 
 #[test]

@@ -363,6 +363,38 @@ fn one_event_per_transaction_arrives_once_and_the_worker_never_fails() {
     assert!(!log.contains("internal error in the worker"), "{log}");
 }
 
+/// A session that locks the producers' positions and then the outbox, as `DROP EXTENSION` may:
+/// the stream path gives way at once (55P03) instead of waiting for the first lock while it
+/// holds the outbox's, so the session's second lock is granted; once it is gone, the event is
+/// stored once.
+#[test]
+fn a_session_locking_the_producers_then_the_outbox_never_deadlocks_with_the_worker() {
+    let _alone = exclusive();
+    let (cluster, broker, stream) = cluster_and_stream();
+    let exchange = stream_exchange(&stream);
+    let worker = cluster.wait_for_worker();
+    let mut holder = cluster.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE outbox.stream_producers IN ACCESS EXCLUSIVE MODE").unwrap();
+    let id = publish(&mut cluster.client(), "Waiting", &exchange);
+    let error = wait_until(WITHIN, "the stream path giving way to the lock", || {
+        failures(&cluster).1.filter(|e| e.contains("outbox.stream_producers is locked"))
+    });
+    assert!(error.contains("55P03"), "{error}");
+    tx.batch_execute("SET LOCAL lock_timeout = '60s'; LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
+        .unwrap_or_else(|e| panic!("the outbox's lock, after the producers': {e}"));
+    tx.rollback().unwrap();
+    cluster.wait_drained(WITHIN);
+    let got = broker.consume_stream(&stream).settle(1, WITHIN, QUIET);
+    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), [id], "exactly once");
+    assert_eq!(cluster.worker_pid(), Some(worker), "the same worker throughout");
+    let log = cluster.log();
+    assert!(!log.contains("deadlock detected"), "{log}");
+    // One line while it lasted, however many rounds gave way (the AMQP path's rounds went on).
+    assert_eq!(log.matches("the stream path's database step failed").count(), 1, "{log}");
+    assert_eq!(log.matches("the stream path's database step succeeds again").count(), 1, "{log}");
+}
+
 #[test]
 fn a_missing_stream_waits_and_recovers() {
     let _alone = exclusive();

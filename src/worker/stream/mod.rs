@@ -167,6 +167,7 @@ pub fn round(w: &mut Worker<'_>) -> bool {
     let (database, sends, streams, lost_producers) =
         match txn::in_transaction(AssertUnwindSafe(|| plan.run(&outcomes))) {
             Ok(Found::Done { database, sends, streams, lost_producers }) => {
+                w.status.stream_db_ok();
                 (database, sends, streams, lost_producers)
             }
             Ok(Found::OtherTable) => {
@@ -177,7 +178,7 @@ pub fn round(w: &mut Worker<'_>) -> bool {
             Err(e) => {
                 // Recorded with the next round's; a lane waiting for its recovery keeps waiting.
                 w.streams.outcomes = outcomes;
-                w.status.db(super::status::DbState::Failing(e));
+                w.status.stream_db_failed(e);
                 return false;
             }
         };

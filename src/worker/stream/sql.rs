@@ -11,6 +11,7 @@
 
 use super::super::ledger::ReadRow;
 use super::super::store::{self, run};
+use super::super::table::{self, Written};
 use super::super::txn::DbError;
 use crate::encoding;
 use pgrx::datum::DatumWithOid;
@@ -159,6 +160,7 @@ pub fn assign(stream: &str, rows: &[i64]) -> Result<bool, DbError> {
     if rows.is_empty() {
         return Ok(true);
     }
+    table::lock_to_write(Written::StreamProducers)?;
     Spi::connect_mut(|c| {
         let n = rows.len() as i64;
         let last = run(c, TAKE_IDS, &[utf8(stream), n.into()], |t| {
@@ -175,6 +177,7 @@ pub fn assign(stream: &str, rows: &[i64]) -> Result<bool, DbError> {
 /// confirms those it has, once they are safe.)
 pub fn recover(stream: &str, stored: u64) -> Result<(), DbError> {
     let stored = stored.min((i64::MAX - FIRST_GAP) as u64) as i64;
+    table::lock_to_write(Written::StreamProducers)?;
     Spi::connect_mut(|c| {
         run(c, RECOVER_PRODUCER, &[utf8(stream), stored.into(), FIRST_GAP.into()], |_| Ok(()))
     })
