@@ -12,6 +12,7 @@ use std::fs;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The machine's node, the one the extra nodes join.
@@ -211,6 +212,12 @@ impl ClusterNode {
         kb.unwrap_or(0) / 1024
     }
 
+    /// Whether the machine's stream coordinator lists this node among its members.
+    pub fn in_stream_coordinator(&self) -> bool {
+        let out = ctl(MACHINE_NODE, &["eval", "ra:members({rabbit_stream_coordinator, node()}, 5000)."]);
+        ok(&out) && describe(&out).contains(&self.name)
+    }
+
     /// Stops the RabbitMQ application: the node stays a member of the cluster but serves
     /// nothing; the connections to it are closed.
     pub fn stop_app(&self) {
@@ -226,6 +233,17 @@ impl ClusterNode {
 
 impl Drop for ClusterNode {
     fn drop(&mut self) {
+        // The machine's stream coordinator (a Raft cluster over every node) may have taken this
+        // node in: take it out while every member still runs, and stop the node's application
+        // at once (a running node would be taken in again). Stopped first, it would leave the
+        // machine's node a minority of the coordinator, unable to change its membership, and
+        // refusing every new stream.
+        let leave = format!(
+            "ra:remove_member({{rabbit_stream_coordinator, node()}}, {{rabbit_stream_coordinator, '{0}'}}), \
+             rpc:call('{0}', rabbit, stop, []).",
+            self.name
+        );
+        let _ = ctl(MACHINE_NODE, &["eval", &leave]);
         // Leave the cluster (reset wipes the node's data and tells the others), then stop; with
         // the pid file, `stop` returns once the node's VM has exited.
         let _ = ctl(&self.name, &["stop_app"]);
@@ -241,11 +259,37 @@ impl Drop for ClusterNode {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
+        repair_stream_coordinator();
     }
 }
 
-/// Nodes joined together by [`ClusterNode::join_many`]; they leave the cluster together (in
-/// parallel) when dropped.
+/// How many times [`repair_stream_coordinator`] had to take members out of the coordinator or
+/// start it over, in this process.
+pub static COORDINATOR_REPAIRS: AtomicUsize = AtomicUsize::new(0);
+
+/// `tests/rabbitmq/stream-coordinator-repair.erl` (read it for why): if the machine's node is
+/// alone and its stream coordinator has no leader, the coordinator starts over. Says so when it
+/// did; never panics (it runs in `Drop`).
+pub fn repair_stream_coordinator() {
+    let expression = concat!(env!("CARGO_MANIFEST_DIR"), "/rabbitmq/stream-coordinator-repair.erl");
+    let Ok(file) = fs::File::open(expression) else { return };
+    let Ok(out) =
+        rabbitmq_command("rabbitmqctl", &[]).args(["-n", MACHINE_NODE, "eval"]).stdin(file).output()
+    else {
+        return;
+    };
+    let said = describe(&out);
+    let repaired = said.contains("repaired") || said.contains("removed");
+    if repaired {
+        COORDINATOR_REPAIRS.fetch_add(1, Ordering::Relaxed);
+    }
+    if !ok(&out) || repaired {
+        eprintln!("{MACHINE_NODE}'s stream coordinator: {}", said.trim());
+    }
+}
+
+/// Nodes joined together by [`ClusterNode::join_many`]; they leave the cluster together when
+/// dropped.
 pub struct ClusterNodes(Vec<ClusterNode>);
 
 impl std::ops::Deref for ClusterNodes {
@@ -257,11 +301,11 @@ impl std::ops::Deref for ClusterNodes {
 
 impl Drop for ClusterNodes {
     fn drop(&mut self) {
-        std::thread::scope(|s| {
-            for node in self.0.drain(..) {
-                s.spawn(move || drop(node));
-            }
-        });
+        // One at a time: the stream coordinator takes one membership change at a time, and
+        // each needs a majority of its members running.
+        for node in self.0.drain(..) {
+            drop(node);
+        }
     }
 }
 

@@ -4,8 +4,9 @@
 //! again what was not confirmed: nothing committed is lost, duplicates are allowed, order
 //! within an aggregate holds. Tests run one at a time: they change the machine's cluster.
 
-use pg_outbox_tests::cluster_node::ClusterNode;
+use pg_outbox_tests::cluster_node::{ClusterNode, COORDINATOR_REPAIRS};
 use pg_outbox_tests::*;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const WITHIN: Duration = Duration::from_secs(90);
@@ -114,6 +115,28 @@ impl Drop for QueueDeleted<'_> {
     fn drop(&mut self) {
         self.0.delete_queue(&self.1);
     }
+}
+
+/// RabbitMQ's stream coordinator, a Raft cluster over every node, takes nodes that join in as
+/// members (one every 30 s). Two nodes that stopped before they were taken out again would leave
+/// the machine's node a minority of the coordinator, unable to elect itself or change the
+/// membership, and refusing every new stream, across restarts (so twice the first stream test
+/// after this suite failed). Each node leaving takes itself out first, while the others still
+/// run: the coordinator needs no repair, and a stream can be declared at once.
+#[test]
+fn nodes_that_leave_take_themselves_out_of_the_stream_coordinator() {
+    let _alone = exclusive();
+    let broker = Broker::connect();
+    // The coordinator starts with the first stream.
+    drop(broker.own_stream());
+    let nodes = ClusterNode::join_many(2);
+    wait_until(Duration::from_secs(180), "the stream coordinator to take both nodes in", || {
+        nodes.iter().all(ClusterNode::in_stream_coordinator).then_some(())
+    });
+    let repairs = COORDINATOR_REPAIRS.load(Ordering::Relaxed);
+    drop(nodes);
+    assert_eq!(COORDINATOR_REPAIRS.load(Ordering::Relaxed), repairs, "the coordinator had to be repaired");
+    drop(broker.own_stream());
 }
 
 #[test]
