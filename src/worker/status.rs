@@ -166,8 +166,8 @@ impl Status {
         }
     }
 
-    /// The stream path's transaction failed: logged once per distinct error until it succeeds,
-    /// and shown in `outbox.stats`.
+    /// The stream path's transaction failed: logged when its error changes (not every round),
+    /// and shown in `outbox.stats`' `last_error` (its `worker_state` is the AMQP path's).
     pub fn stream_db_failed(&mut self, e: DbError) {
         if self.stream_db.as_ref() != Some(&e) {
             warning!("pg_outbox: the stream path's database step failed, retrying: {e}");

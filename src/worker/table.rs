@@ -6,6 +6,7 @@ use super::txn::DbError;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::cell::RefCell;
+use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
 /// The schema version this library's SQL expects (`pg_extension.extversion`).
@@ -92,22 +93,25 @@ pub enum Written {
 /// with `DROP EXTENSION`, which locks the extension's tables in an order of its own. A session
 /// that holds a conflicting lock fails the round instead (55P03), which is tried again.
 pub fn lock_to_write(table: Written) -> Result<(), DbError> {
-    let name = match table {
-        Written::DeadLetters => c"dead_letters",
-        Written::StreamProducers => c"stream_producers",
+    // The dead letters' row ids come from their identity sequence (`nextval` locks it).
+    let relations: &[&CStr] = match table {
+        Written::DeadLetters => &[c"dead_letters", c"dead_letters_id_seq"],
+        Written::StreamProducers => &[c"stream_producers"],
     };
-    let shown = name.to_string_lossy();
-    let Some(relid) = relid_in_outbox(name) else {
-        return Err(DbError::new(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-            format!("outbox.{shown} is missing"),
-        ));
-    };
-    if !lock_without_waiting(relid, pg_sys::RowExclusiveLock) {
-        return Err(DbError::new(
-            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
-            format!("outbox.{shown} is locked by another session"),
-        ));
+    for name in relations {
+        let shown = name.to_string_lossy();
+        let Some(relid) = relid_in_outbox(name) else {
+            return Err(DbError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("outbox.{shown} is missing"),
+            ));
+        };
+        if !lock_without_waiting(relid, pg_sys::RowExclusiveLock) {
+            return Err(DbError::new(
+                PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+                format!("outbox.{shown} is locked by another session"),
+            ));
+        }
     }
     Ok(())
 }
@@ -141,7 +145,7 @@ fn messages_relid() -> Option<pg_sys::Oid> {
     relid_in_outbox(c"messages")
 }
 
-fn relid_in_outbox(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
+fn relid_in_outbox(name: &CStr) -> Option<pg_sys::Oid> {
     // SAFETY: catalog cache lookups by name inside a transaction.
     unsafe {
         let schema = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);

@@ -164,11 +164,18 @@ fn insert_unreadable_row(db: &mut Client, exchange: &str) {
     .unwrap();
 }
 
-fn wait_for_the_unreadable_row_dead_lettered(db: &mut Client) {
-    let dead: String = wait_until(WITHIN, "the unreadable row dead-lettered", || {
-        db.query_opt("SELECT last_error FROM outbox.dead_letters", &[]).unwrap().map(|r| r.get(0))
+/// Waits until `n` events are dead letters, each for an unreadable event type.
+fn wait_for_unreadable_rows_dead_lettered(db: &mut Client, n: i64) {
+    let unreadable: bool = wait_until(WITHIN, "the unreadable rows dead-lettered", || {
+        let row = db
+            .query_one(
+                "SELECT count(*), bool_and(last_error LIKE 'invalid: event_type%') FROM outbox.dead_letters",
+                &[],
+            )
+            .unwrap();
+        (row.get::<_, i64>(0) == n).then(|| row.get(1))
     });
-    assert!(dead.starts_with("invalid: event_type"), "{dead}");
+    assert!(unreadable, "every dead letter for its unreadable event type");
 }
 
 #[test]
@@ -192,16 +199,16 @@ fn an_sql_ascii_database_refuses_text_that_is_not_utf8_and_its_worker_goes_on() 
     let got = consumer.wait_for(2, WITHIN);
     let types: Vec<_> = got.iter().filter_map(|d| d.message_type.clone()).collect();
     assert_eq!(types, vec!["Before", "After"]);
-    wait_for_the_unreadable_row_dead_lettered(&mut db);
+    wait_for_unreadable_rows_dead_lettered(&mut db, 1);
     cluster.wait_drained(WITHIN);
 }
 
-/// `DROP EXTENSION` locks the extension's tables one by one, in an order of its own. A round that
-/// waited for one of them (the dead letters, to record an event's last failure) while holding
-/// the outbox's lock would close a deadlock with it. Here a session does what such a `DROP`
-/// does, the dead letters first and the outbox next: the worker gives way at once (55P03) and
-/// holds nothing, so the session's second lock is granted; once it is gone, the event is
-/// dead-lettered.
+/// `DROP EXTENSION` locks the extension's relations one by one, in an order of its own. A round
+/// that waited for one of them (the dead letters or their sequence, to record an event's last
+/// failure) while holding the outbox's lock could close a deadlock with it. Here a session does
+/// what such a `DROP` might, one of those first and the outbox next: the worker gives way at
+/// once (55P03) and holds nothing, so the session's second lock is granted; once it is gone,
+/// the event is dead-lettered.
 #[test]
 fn a_session_locking_the_dead_letters_then_the_outbox_never_deadlocks_with_the_worker() {
     let cluster = sql_ascii_cluster();
@@ -210,24 +217,35 @@ fn a_session_locking_the_dead_letters_then_the_outbox_never_deadlocks_with_the_w
     let consumer = broker.consume(&exchange, "#");
     let worker = cluster.wait_for_worker();
     let mut db = cluster.client();
-    let mut holder = cluster.client();
-    let mut tx = holder.transaction().unwrap();
-    tx.batch_execute("LOCK TABLE outbox.dead_letters IN ACCESS EXCLUSIVE MODE").unwrap();
-    // A row that cannot be read as UTF-8 (its event is dead-lettered at once), and one that can.
-    insert_unreadable_row(&mut db, &exchange);
-    db.execute("SELECT outbox.publish('After', '{}', exchange => $1)", &[&exchange.name]).unwrap();
-    let error: String = wait_until(WITHIN, "the worker giving way to the lock", || {
-        let row = cluster.client().query_one("SELECT last_error FROM outbox.stats", &[]).ok()?;
-        row.get::<_, Option<String>>(0).filter(|e| e.contains("outbox.dead_letters is locked"))
-    });
-    assert!(error.contains("55P03"), "{error}");
-    tx.batch_execute("SET LOCAL lock_timeout = '60s'; LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
-        .unwrap_or_else(|e| panic!("the outbox's lock, after the dead letters': {e}"));
-    tx.rollback().unwrap();
-    wait_for_the_unreadable_row_dead_lettered(&mut db);
-    cluster.wait_drained(WITHIN);
-    let types: Vec<_> = consumer.wait_for(1, WITHIN).iter().filter_map(|d| d.message_type.clone()).collect();
-    assert_eq!(types, vec!["After"]);
+    let first_locks = [
+        ("dead_letters", "LOCK TABLE outbox.dead_letters IN ACCESS EXCLUSIVE MODE"),
+        // (LOCK TABLE takes no sequence; ALTER SEQUENCE locks it against nextval.)
+        ("dead_letters_id_seq", "ALTER SEQUENCE outbox.dead_letters_id_seq CACHE 1"),
+    ];
+    for (n, (relation, lock)) in (1..).zip(first_locks) {
+        let mut holder = cluster.client();
+        let mut tx = holder.transaction().unwrap();
+        tx.batch_execute(lock).unwrap();
+        // A row that cannot be read as UTF-8 (its event is dead-lettered at once), and one that can.
+        insert_unreadable_row(&mut db, &exchange);
+        db.execute("SELECT outbox.publish('After', '{}', exchange => $1)", &[&exchange.name]).unwrap();
+        let locked = format!("outbox.{relation} is locked");
+        let error: String = wait_until(WITHIN, "the worker giving way to the lock", || {
+            let row = cluster.client().query_one("SELECT last_error FROM outbox.stats", &[]).ok()?;
+            row.get::<_, Option<String>>(0).filter(|e| e.contains(&locked))
+        });
+        assert!(error.contains("55P03"), "{error}");
+        tx.batch_execute(
+            "SET LOCAL lock_timeout = '60s'; LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE",
+        )
+        .unwrap_or_else(|e| panic!("the outbox's lock, after {relation}'s: {e}"));
+        tx.rollback().unwrap();
+        wait_for_unreadable_rows_dead_lettered(&mut db, n);
+        cluster.wait_drained(WITHIN);
+        let got = consumer.wait_for(n as usize, WITHIN);
+        assert!(got.iter().all(|d| d.message_type.as_deref() == Some("After")), "{got:?}");
+    }
+    consumer.expect_no_more(2, Duration::from_secs(1));
     assert_eq!(cluster.worker_pid(), Some(worker), "the same worker throughout");
     let log = cluster.log();
     assert!(!log.contains("deadlock detected"), "{log}");
