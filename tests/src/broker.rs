@@ -231,6 +231,17 @@ impl Broker {
         })
     }
 
+    /// [`Broker::on_channel`] if a channel can be opened (the connection may be gone); else
+    /// nothing.
+    fn on_channel_if_open(&self, f: impl AsyncFnOnce(&Channel)) {
+        self.rt.block_on(async {
+            if let Ok(ch) = self.connection.open_channel(None).await {
+                f(&ch).await;
+                let _ = ch.close().await;
+            }
+        });
+    }
+
     /// Declares a durable topic exchange (it survives broker restarts; tests delete it).
     pub fn exchange(&self, name: &str) {
         self.on_channel(async |ch| {
@@ -275,11 +286,8 @@ impl Broker {
 
     /// Best effort (it runs in `Drop`, also while a failed test unwinds): never panics.
     pub fn delete_exchange(&self, name: &str) {
-        self.rt.block_on(async {
-            if let Ok(ch) = self.connection.open_channel(None).await {
-                let _ = ch.exchange_delete(ExchangeDeleteArguments::new(name)).await;
-                let _ = ch.close().await;
-            }
+        self.on_channel_if_open(async |ch| {
+            let _ = ch.exchange_delete(ExchangeDeleteArguments::new(name)).await;
         });
     }
 
@@ -324,11 +332,8 @@ impl Broker {
 
     /// Best effort (it runs in `Drop`, also while a failed test unwinds): never panics.
     pub fn delete_queue(&self, queue: &str) {
-        self.rt.block_on(async {
-            if let Ok(ch) = self.connection.open_channel(None).await {
-                let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
-                let _ = ch.close().await;
-            }
+        self.on_channel_if_open(async |ch| {
+            let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
         });
     }
 }

@@ -268,8 +268,8 @@ impl Drop for ClusterNode {
 pub static COORDINATOR_REPAIRS: AtomicUsize = AtomicUsize::new(0);
 
 /// `tests/rabbitmq/stream-coordinator-repair.erl` (read it for why): if the machine's node is
-/// alone and its stream coordinator has no leader, the coordinator starts over. Says so when it
-/// did; never panics (it runs in `Drop`).
+/// alone, its stream coordinator's other members are removed, or the coordinator starts over.
+/// Says so when it did; never panics (it runs in `Drop`).
 pub fn repair_stream_coordinator() {
     let expression = concat!(env!("CARGO_MANIFEST_DIR"), "/rabbitmq/stream-coordinator-repair.erl");
     let Ok(file) = fs::File::open(expression) else { return };
